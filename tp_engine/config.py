@@ -1,0 +1,199 @@
+"""One trial's configuration: everything a single training run needs.
+
+This model is the contract shared by the engine CLI, the sweep spec (parameters are dotted paths
+into it), the queue and the worker. It imports nothing heavier than Pydantic.
+
+Defaults depend on the rule: a field left out takes the rule's default from ``RULE_DEFAULTS``
+(tuned on the validation set), then the global default below.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RULES = ("bp", "lstp", "rlstp", "dtp")
+Rule = Literal["bp", "lstp", "rlstp", "dtp"]
+Activation = Literal["tanh", "sigmoid", "relu", "leaky_relu", "linear"]
+Loss = Literal["softmax_ce", "sigmoid_ce", "sigmoid_l2", "l2"]
+DatasetName = Literal["mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus"]
+
+
+class OptimizerConfig(BaseModel):
+    """A local optimizer. Each layer's parameters minimize their own local loss with it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["sgd", "rmsprop", "rmsprop_centered", "adam"] = "rmsprop_centered"
+    lr: float = Field(0.001, gt=0, le=10)
+    # rmsprop / rmsprop_centered: decay of the running averages; Lee et al. used 0.95.
+    rho: float = Field(0.95, gt=0, lt=1)
+    # sgd / rmsprop momentum; adam uses beta1 instead.
+    momentum: float = Field(0.9, ge=0, lt=1)
+    # rmsprop: inside the square root (Lee et al.: 1e-3). adam: added after the square root
+    # (default 1e-8). None: that optimizer's default.
+    eps: float | None = Field(None, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, gt=0, lt=1)
+    # Clip each parameter's gradient to this L2 norm (the seed clipped at 100); None: no clipping.
+    clip_norm: float | None = Field(None, gt=0)
+
+
+class TrialConfig(BaseModel):
+    """Everything one run needs. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # What is compared.
+    rule: Rule = "dtp"
+    backend: Literal["numpy", "tensorflow"] = "numpy"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+
+    # Data.
+    dataset: DatasetName = "mnist"
+    data_path: str | None = None
+    subset: int | None = Field(None, ge=10, description="use at most this many rows of each split")
+    whiten: bool = False
+    mode: Literal["classification", "autoencoder"] = "classification"
+
+    # Network: input -> hidden... -> output (affine). The output nonlinearity belongs to the loss.
+    hidden: list[int] = Field(default_factory=lambda: [240] * 7, min_length=1)
+    activation: Activation = "tanh"
+    # None: softmax_ce for classification, sigmoid_ce for autoencoder.
+    loss: Loss | None = None
+    init: Literal["xavier", "orthogonal"] = "orthogonal"
+
+    # Training.
+    epochs: int = Field(3, ge=1, le=10_000)
+    batch_size: int = Field(100, ge=1, le=65_536)
+    seed: int = Field(0, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+    # Targets.
+    alpha: float = Field(0.3277, gt=0, le=100, description="top-target step size")
+    top_target: Literal["output", "last_hidden"] = "last_hidden"
+    inv_threshold: float = Field(1e-2, gt=0, lt=0.5, description="clip margin before tanh/sigmoid inverses")
+    gamma: float = Field(1e-3, gt=0, description="rlstp: regularization of the inverse")
+    rinv_steps: int = Field(2, ge=0, le=100, description="rlstp: gradient steps of tanh/sigmoid f_rinv")
+    rinv_lr: float = Field(0.5, gt=0, le=100)
+
+    # Learned inverses (dtp).
+    noise: float = Field(0.3598, ge=0, description="std of the corruption used to train inverses")
+    noise_decay: bool = False
+    schedule: Literal["per_batch", "per_epoch"] = "per_epoch"
+    inverse_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=0.00501))
+
+    # Diagnostics: angle to backprop and local losses are measured on this many training rows.
+    diag_size: int = Field(1000, ge=1)
+    # TensorFlow path: compile the step with XLA.
+    jit_compile: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        rule = data.get("rule", "dtp")
+        defaults = RULE_DEFAULTS.get(rule) if isinstance(rule, str) else None
+        if not defaults:
+            return data
+        return _merge(copy.deepcopy(defaults), data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrialConfig":
+        if self.mode == "autoencoder" and self.loss == "softmax_ce":
+            raise ValueError("loss softmax_ce needs mode classification (autoencoder targets are pixels)")
+        return self
+
+    @property
+    def resolved_loss(self) -> str:
+        if self.loss is not None:
+            return self.loss
+        return "softmax_ce" if self.mode == "classification" else "sigmoid_ce"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalar values (lists as strings), for MLflow params."""
+        return flatten(self.model_dump())
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# Per-rule defaults, tuned on the validation split (never the test split). A key given by the user
+# always wins. dtp is Lee et al. 2015's published recipe.
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bp": {
+        "optimizer": {"name": "rmsprop_centered", "lr": 0.0005},
+        "alpha": 1.0,
+        "top_target": "output",
+    },
+    "dtp": {
+        "optimizer": {"name": "rmsprop_centered", "lr": 0.01489},
+        "inverse_optimizer": {"name": "rmsprop_centered", "lr": 0.00501},
+        "alpha": 0.3277,
+        "noise": 0.3598,
+        "top_target": "last_hidden",
+        "schedule": "per_epoch",
+    },
+    "lstp": {
+        "optimizer": {"name": "rmsprop_centered", "lr": 0.001},
+        "alpha": 0.3,
+        "top_target": "last_hidden",
+    },
+    "rlstp": {
+        "optimizer": {"name": "rmsprop_centered", "lr": 0.001},
+        "alpha": 0.3,
+        "gamma": 1e-3,
+        "top_target": "last_hidden",
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _merge(base[k], v)
+        elif isinstance(v, BaseModel) and isinstance(base.get(k), dict):
+            base[k] = _merge(base[k], v.model_dump(exclude_unset=True))
+        else:
+            base[k] = v
+    return base
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(list(v))
+        else:
+            out[key] = v
+    return out
+
+
+def field_paths(model: type[BaseModel] = TrialConfig, prefix: str = "") -> list[str]:
+    """Every dotted path into the config (for the sweep spec's parameter paths)."""
+    paths: list[str] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths.extend(field_paths(ann, f"{prefix}{name}."))
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Set a dotted path in a nested dict (creating levels), returning the dict."""
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return data

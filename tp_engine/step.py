@@ -1,0 +1,160 @@
+"""One training step, shared by every rule and both backends.
+
+1. forward pass;
+2. top target from the loss gradient;
+3. the rule sends targets down, layer by layer;
+4. each layer takes an optimizer step on its local loss 1/2 |h_l - t_l|^2 (mean over the batch),
+   with its input and target held constant;
+5. dtp: the inverses take a step on their reconstruction loss (before the forward weights).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tp_engine.config import TrialConfig
+from tp_engine.losses import LOSSES
+from tp_engine.network import Forward, Network
+from tp_engine.ops import OPS
+from tp_engine.optimizers import Optimizer
+from tp_engine.rules import RULES, get_rule
+
+
+class Engine:
+    def __init__(self, B, cfg: TrialConfig, n_in: int, n_out: int, loss: str):
+        self.B, self.cfg = B, cfg
+        self.rule = get_rule(cfg.rule)
+        self.loss = LOSSES[loss]
+        sizes = [n_in, *cfg.hidden, n_out]
+        L = len(sizes) - 1
+        self.top = L if cfg.top_target == "output" else L - 1
+        if self.top < 1:
+            raise ValueError("top_target last_hidden needs at least one hidden layer")
+        inverse_layers = list(range(2, self.top + 1)) if self.rule.learned_inverse else []
+        init_seq, self.shuffle_seq, self.noise_seq = np.random.SeedSequence(cfg.seed).spawn(3)
+        self.net = Network(B, sizes, cfg.activation, cfg.init, init_seq, inverse_layers)
+        self.opt = Optimizer(B, cfg.optimizer, self.net.forward_params())
+        self.inv_opt = (
+            Optimizer(B, cfg.inverse_optimizer, self.net.inverse_params()) if inverse_layers else None
+        )
+        # Compiled entry points (TensorFlow traces these once; NumPy runs them as they are).
+        self.forward_step = B.compile(self._forward_step)
+        self.inverse_step = B.compile(self._inverse_step)
+        self.batch_step = B.compile(self._batch_step)
+        self.diagnose = B.compile(self._diagnose)
+        self.predict_logits = B.compile(lambda x: self.net.forward(x).hs[-1])
+
+    # -- targets ---------------------------------------------------------------------------
+    def targets(self, fwd: Forward, y, rule=None) -> dict[int, Any]:
+        """t_l for every layer l = 1..L under ``rule`` (default: this engine's rule)."""
+        B, net, cfg = self.B, self.net, self.cfg
+        rule = rule or self.rule
+        alpha = cfg.alpha if rule.uses_alpha else 1.0
+        top = self.top if rule is self.rule else net.L  # the bp reference always starts at the output
+        L = net.L
+        g = self.loss.grad(B, fwd.hs[L], y)
+        t: dict[int, Any] = {}
+        if top == L:
+            t[L] = fwd.hs[L] - alpha * g
+        else:
+            # Lee's code: the output layer learns from the loss gradient directly, and the first
+            # target sits on the last hidden layer.
+            t[L] = fwd.hs[L] - g
+            dh = OPS["linear"].df(B, g, fwd.hs[L - 1], net.W[L])
+            t[L - 1] = fwd.hs[L - 1] - alpha * dh
+        for l in range(top, 1, -1):
+            t[l - 1] = rule.propagate(B, net, cfg, l, t[l], fwd)
+        return t
+
+    # -- local losses and their gradients ----------------------------------------------------
+    def layer_grads(self, fwd: Forward, l: int, t_l) -> list[Any]:
+        """Gradients of 1/2 |s(h_{l-1} W_l + b_l) - t_l|^2 (batch mean) w.r.t. W_l, b_l."""
+        B, net = self.B, self.net
+        h_in, act = fwd.hs[l - 1], net.layer_act(l)
+        n = h_in.shape[0]
+
+        def loss_fn(params):
+            W, b = params
+            d = act.f(B, B.matmul(h_in, W) + b) - t_l
+            return 0.5 * B.sum(d * d) / n
+
+        def manual():
+            delta = act.df(B, fwd.hs[l] - t_l, fwd.as_[l])
+            return [B.matmul_tn(h_in, delta) / n, B.mean(delta, axis=0)]
+
+        return B.local_grads(loss_fn, [net.W[l], net.b[l]], manual)
+
+    def inverse_grads(self, fwd: Forward, l: int, noise) -> tuple[list[Any], Any]:
+        """Gradients of 1/2 |g_l(f_l(h_{l-1}+e)) - (h_{l-1}+e)|^2 w.r.t. V_l, c_l, and the loss."""
+        B, net = self.B, self.net
+        xc = fwd.hs[l - 1] + noise
+        z = net.layer_act(l).f(B, B.matmul(xc, net.W[l]) + net.b[l])
+        n = xc.shape[0]
+
+        def loss_fn(params):
+            V, c = params
+            d = net.act.f(B, B.matmul(z, V) + c) - xc
+            return 0.5 * B.sum(d * d) / n
+
+        pre = B.matmul(z, net.V[l]) + net.c[l]
+        r = net.act.f(B, pre)
+
+        def manual():
+            delta = net.act.df(B, r - xc, pre)
+            return [B.matmul_tn(z, delta) / n, B.mean(delta, axis=0)]
+
+        grads = B.local_grads(loss_fn, [net.V[l], net.c[l]], manual)
+        d = r - xc
+        return grads, 0.5 * B.sum(d * d) / n
+
+    # -- steps -----------------------------------------------------------------------------
+    def _forward_step(self, x, y):
+        """Update the forward weights on one batch. Returns (summed loss, correct count)."""
+        B, net = self.B, self.net
+        fwd = net.forward(x)
+        t = self.targets(fwd, y)
+        grads: list[Any] = []
+        for l in range(1, net.L + 1):
+            grads.extend(self.layer_grads(fwd, l, t[l]))
+        self.opt.apply(grads)
+        out = fwd.hs[net.L]
+        loss_sum = B.sum(self.loss.value(B, out, y))
+        correct = B.count(B.equal(B.argmax(out, axis=1), B.argmax(y, axis=1)))
+        return loss_sum, correct
+
+    def _inverse_step(self, x, noise):
+        """Update the learned inverses on one batch; ``noise`` is one array per inverse layer."""
+        net = self.net
+        fwd = net.forward(x)
+        grads: list[Any] = []
+        for l, e in zip(net.inverse_layers, noise):
+            grads.extend(self.inverse_grads(fwd, l, e)[0])
+        self.inv_opt.apply(grads)
+        return 0
+
+    def _batch_step(self, x, y, noise):
+        """per_batch schedule: inverses first, then forward weights, on the same batch."""
+        self._inverse_step(x, noise)
+        return self._forward_step(x, y)
+
+    def _diagnose(self, x, y, noise):
+        """Per layer: this rule's local gradient of W_l, backprop's gradient of the global loss,
+        the local loss, and (dtp) the inverse loss. Nothing is updated."""
+        B, net = self.B, self.net
+        fwd = net.forward(x)
+        t = self.targets(fwd, y)
+        t_bp = self.targets(fwd, y, rule=RULES["bp"])
+        out: dict[str, Any] = {}
+        for l in range(1, net.L + 1):
+            g_rule = self.layer_grads(fwd, l, t[l])[0]
+            g_bp = self.layer_grads(fwd, l, t_bp[l])[0]
+            out[f"dot/{l}"] = B.sum(g_rule * g_bp)
+            out[f"norm_rule/{l}"] = B.sqrt(B.sum(g_rule * g_rule))
+            out[f"norm_bp/{l}"] = B.sqrt(B.sum(g_bp * g_bp))
+            d = fwd.hs[l] - t[l]
+            out[f"local_loss/{l}"] = 0.5 * B.sum(d * d) / x.shape[0]
+        for l, e in zip(net.inverse_layers, noise):
+            out[f"inverse_loss/{l}"] = self.inverse_grads(fwd, l, e)[1]
+        out["loss"] = B.mean(self.loss.value(B, fwd.hs[net.L], y))
+        return out
