@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -60,7 +60,7 @@ class TrialConfig(BaseModel):
     mode: Literal["classification", "autoencoder"] = "classification"
 
     # Network: input -> hidden... -> output (affine). The output nonlinearity belongs to the loss.
-    hidden: list[int] = Field(default_factory=lambda: [240] * 7, min_length=1)
+    hidden: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(default_factory=lambda: [240] * 7, min_length=1)
     activation: Activation = "tanh"
     # None: softmax_ce for classification, sigmoid_ce for autoencoder.
     loss: Loss | None = None

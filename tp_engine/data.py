@@ -478,6 +478,7 @@ def _from_train_test(x_train, y_train, x_test, y_test, source: pathlib.Path) -> 
     """Flatten, scale uint8 pixels to [0, 1] and split the last sixth of train off as valid."""
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise DataError(f"MNIST data in {source} has mismatched image and label counts")
+
     def prep(x):
         x = np.asarray(x).reshape(len(x), -1).astype(np.float32)
         return x / np.float32(255.0)

@@ -35,8 +35,20 @@ class Optimizer:
         self.t = B.variable(np.zeros((), np.float32))
 
     def apply(self, grads: list[Any]) -> None:
-        B, c = self.B, self.cfg
+        B = self.B
         B.assign(self.t, self.t + 1.0)
+        fused = getattr(B, "optimizer_step", None)
+        if fused is None:
+            return self.apply_reference(grads)
+        hp = self.cfg.model_dump()
+        hp["eps"] = self.eps
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            fused(self.cfg.name, p, g, {k: v[i] for k, v in self.slots.items()}, hp, self.t)
+
+    def apply_reference(self, grads: list[Any]) -> None:
+        """The update formulas, as array expressions (``t`` already incremented). Backends may
+        supply a fused ``optimizer_step`` that computes the same thing in one pass."""
+        B, c = self.B, self.cfg
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if c.clip_norm is not None:
                 norm = B.sqrt(B.sum(g * g))

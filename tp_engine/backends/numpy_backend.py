@@ -81,6 +81,11 @@ class NumpyBackend:
     def count(mask):
         return np.count_nonzero(mask)
 
+    def optimizer_step(self, name, p, g, slots, hp, t):
+        from tp_engine.backends.numpy_kernels import optimizer_step
+
+        optimizer_step(name, p, g, slots, hp, float(t))
+
     def local_grads(self, loss_fn, params, manual):
         return list(manual())
 
