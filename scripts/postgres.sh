@@ -77,9 +77,10 @@ cmd_start() {
                 --locale=C.UTF-8 --no-sync >"$ROOT/initdb.log" 2>&1 \
                 || { cat "$ROOT/initdb.log" >&2; die "initdb failed"; }
         fi
+        # 9>&-: the postmaster must not inherit the lock fd, or it would hold the lock forever.
         if ! as_pg "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 30 start -o \
             "-c listen_addresses=127.0.0.1 -p $PORT -k $SOCK -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-            >/dev/null; then
+            >/dev/null 9>&-; then
             tail -n 20 "$LOG" >&2 || true
             die "server failed to start on port $PORT (port in use?)"
         fi
@@ -95,7 +96,7 @@ cmd_stop() {
     BIN=$(find_bindir) || true
     lock
     if is_running; then
-        as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+        as_pg "$BIN/pg_ctl" -D "$DATA" -m immediate -w stop >/dev/null
     fi
     rm -rf "$ROOT"
 }

@@ -1,9 +1,8 @@
 """Losses on the affine output ``h`` (the output nonlinearity belongs to the loss).
 
 Reduction: the reported loss is the mean over the batch of the per-example loss (summed over
-output units). ``grad`` is the per-example gradient d loss_i / d h_i (not divided by the batch
-size), which is what the top target ``t = h - alpha * grad`` uses. Local losses are also means over
-the batch, so with alpha = 1 the ``bp`` rule's local gradients equal the gradient of the mean loss.
+output units). ``grad`` is the per-example gradient d loss_i / d h_i; the gradient of the batch-mean
+loss is ``grad / batch``. How targets scale it is documented in ``tp_engine.step.Engine.targets``.
 """
 from __future__ import annotations
 

@@ -91,11 +91,11 @@ class Network:
         B = self.B
         out = {}
         for l in range(1, self.L + 1):
-            out[f"W{l}"] = np.asarray(B.to_numpy(self.W[l]))
-            out[f"b{l}"] = np.asarray(B.to_numpy(self.b[l]))
+            out[f"W{l}"] = np.array(B.to_numpy(self.W[l]))
+            out[f"b{l}"] = np.array(B.to_numpy(self.b[l]))
         for l in self.inverse_layers:
-            out[f"V{l}"] = np.asarray(B.to_numpy(self.V[l]))
-            out[f"c{l}"] = np.asarray(B.to_numpy(self.c[l]))
+            out[f"V{l}"] = np.array(B.to_numpy(self.V[l]))
+            out[f"c{l}"] = np.array(B.to_numpy(self.c[l]))
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:

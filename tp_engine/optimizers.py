@@ -30,7 +30,7 @@ class Optimizer:
         if cfg.name == "adam":
             self.slots["m"] = [zeros(p) for p in params]
             self.slots["v"] = [zeros(p) for p in params]
-        if cfg.name != "adam" and cfg.momentum > 0:
+        if cfg.name != "adam":  # momentum 0 keeps the slot inert (TensorFlow's fused ops need it)
             self.slots["mom"] = [zeros(p) for p in params]
         self.t = B.variable(np.zeros((), np.float32))
 

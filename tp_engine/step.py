@@ -3,8 +3,8 @@
 1. forward pass;
 2. top target from the loss gradient;
 3. the rule sends targets down, layer by layer;
-4. each layer takes an optimizer step on its local loss 1/2 |h_l - t_l|^2 (mean over the batch),
-   with its input and target held constant;
+4. each layer takes an optimizer step on its local loss |h_l - t_l|^2 (mean over the batch, as in
+   Lee et al.'s code), with its input and target held constant;
 5. dtp: the inverses take a step on their reconstruction loss (before the forward weights).
 """
 from __future__ import annotations
@@ -47,29 +47,36 @@ class Engine:
 
     # -- targets ---------------------------------------------------------------------------
     def targets(self, fwd: Forward, y, rule=None) -> dict[int, Any]:
-        """t_l for every layer l = 1..L under ``rule`` (default: this engine's rule)."""
+        """t_l for every layer l = 1..L under ``rule`` (default: this engine's rule).
+
+        Scales follow Lee et al.'s code, so their hyperparameters carry over: the top step is
+        ``alpha`` times the gradient of the batch-mean loss, and local losses are batch means of
+        |h - t|^2. Exact targets (bp, and the output layer under ``last_hidden``) step by half the
+        per-example gradient, which makes their local gradients equal backprop's exactly."""
         B, net, cfg = self.B, self.net, self.cfg
         rule = rule or self.rule
-        alpha = cfg.alpha if rule.uses_alpha else 1.0
+        n = fwd.hs[0].shape[0]
+        exact = 0.5
+        step = cfg.alpha / n if rule.uses_alpha else exact
         top = self.top if rule is self.rule else net.L  # the bp reference always starts at the output
         L = net.L
-        g = self.loss.grad(B, fwd.hs[L], y)
+        g = self.loss.grad(B, fwd.hs[L], y)  # per-example d loss_i / d h_L
         t: dict[int, Any] = {}
         if top == L:
-            t[L] = fwd.hs[L] - alpha * g
+            t[L] = fwd.hs[L] - step * g
         else:
             # Lee's code: the output layer learns from the loss gradient directly, and the first
             # target sits on the last hidden layer.
-            t[L] = fwd.hs[L] - g
+            t[L] = fwd.hs[L] - exact * g
             dh = OPS["linear"].df(B, g, fwd.hs[L - 1], net.W[L])
-            t[L - 1] = fwd.hs[L - 1] - alpha * dh
+            t[L - 1] = fwd.hs[L - 1] - step * dh
         for l in range(top, 1, -1):
             t[l - 1] = rule.propagate(B, net, cfg, l, t[l], fwd)
         return t
 
     # -- local losses and their gradients ----------------------------------------------------
     def layer_grads(self, fwd: Forward, l: int, t_l) -> list[Any]:
-        """Gradients of 1/2 |s(h_{l-1} W_l + b_l) - t_l|^2 (batch mean) w.r.t. W_l, b_l."""
+        """Gradients of the local loss mean_batch |s(h_{l-1} W_l + b_l) - t_l|^2 w.r.t. W_l, b_l."""
         B, net = self.B, self.net
         h_in, act = fwd.hs[l - 1], net.layer_act(l)
         n = h_in.shape[0]
@@ -77,16 +84,16 @@ class Engine:
         def loss_fn(params):
             W, b = params
             d = act.f(B, B.matmul(h_in, W) + b) - t_l
-            return 0.5 * B.sum(d * d) / n
+            return B.sum(d * d) / n
 
         def manual():
-            delta = act.df(B, fwd.hs[l] - t_l, fwd.as_[l])
+            delta = act.df(B, 2.0 * (fwd.hs[l] - t_l), fwd.as_[l])
             return [B.matmul_tn(h_in, delta) / n, B.mean(delta, axis=0)]
 
         return B.local_grads(loss_fn, [net.W[l], net.b[l]], manual)
 
     def inverse_grads(self, fwd: Forward, l: int, noise) -> tuple[list[Any], Any]:
-        """Gradients of 1/2 |g_l(f_l(h_{l-1}+e)) - (h_{l-1}+e)|^2 w.r.t. V_l, c_l, and the loss."""
+        """Gradients of mean_batch |g_l(f_l(h_{l-1}+e)) - (h_{l-1}+e)|^2 w.r.t. V_l, c_l, and the loss."""
         B, net = self.B, self.net
         xc = fwd.hs[l - 1] + noise
         z = net.layer_act(l).f(B, B.matmul(xc, net.W[l]) + net.b[l])
@@ -95,18 +102,18 @@ class Engine:
         def loss_fn(params):
             V, c = params
             d = net.act.f(B, B.matmul(z, V) + c) - xc
-            return 0.5 * B.sum(d * d) / n
+            return B.sum(d * d) / n
 
         pre = B.matmul(z, net.V[l]) + net.c[l]
         r = net.act.f(B, pre)
 
         def manual():
-            delta = net.act.df(B, r - xc, pre)
+            delta = net.act.df(B, 2.0 * (r - xc), pre)
             return [B.matmul_tn(z, delta) / n, B.mean(delta, axis=0)]
 
         grads = B.local_grads(loss_fn, [net.V[l], net.c[l]], manual)
         d = r - xc
-        return grads, 0.5 * B.sum(d * d) / n
+        return grads, B.sum(d * d) / n
 
     # -- steps -----------------------------------------------------------------------------
     def _forward_step(self, x, y):
@@ -153,7 +160,7 @@ class Engine:
             out[f"norm_rule/{l}"] = B.sqrt(B.sum(g_rule * g_rule))
             out[f"norm_bp/{l}"] = B.sqrt(B.sum(g_bp * g_bp))
             d = fwd.hs[l] - t[l]
-            out[f"local_loss/{l}"] = 0.5 * B.sum(d * d) / x.shape[0]
+            out[f"local_loss/{l}"] = B.sum(d * d) / x.shape[0]
         for l, e in zip(net.inverse_layers, noise):
             out[f"inverse_loss/{l}"] = self.inverse_grads(fwd, l, e)[1]
         out["loss"] = B.mean(self.loss.value(B, fwd.hs[net.L], y))

@@ -56,10 +56,10 @@ def engine_state(engine) -> dict[str, np.ndarray]:
     for tag, opt in (("opt", engine.opt), ("inv_opt", engine.inv_opt)):
         if opt is None:
             continue
-        st[f"{tag}/t"] = np.asarray(B.to_numpy(opt.t))
+        st[f"{tag}/t"] = np.array(B.to_numpy(opt.t))
         for slot, vars_ in opt.slots.items():
             for i, v in enumerate(vars_):
-                st[f"{tag}/{slot}/{i}"] = np.asarray(B.to_numpy(v))
+                st[f"{tag}/{slot}/{i}"] = np.array(B.to_numpy(v))
     return st
 
 
@@ -122,7 +122,7 @@ def train(
     y_tr = _targets(cfg, x_tr, ds.y_train, ds.n_classes)
     y_va = _targets(cfg, x_va, ds.y_valid, ds.n_classes)
     y_te = _targets(cfg, x_te, ds.y_test, ds.n_classes)
-    B = get_backend(cfg.backend, cfg.device)
+    B = get_backend(cfg.backend, cfg.device, cfg.jit_compile)
     engine = Engine(B, cfg, x_tr.shape[1], y_tr.shape[1], loss)
     if resume:
         load_engine_state(engine, resume)

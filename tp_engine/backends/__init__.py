@@ -9,7 +9,7 @@ from __future__ import annotations
 from tp_engine.backends.base import Backend
 
 
-def get_backend(name: str, device: str = "auto") -> Backend:
+def get_backend(name: str, device: str = "auto", jit_compile: bool = True) -> Backend:
     if name == "numpy":
         from tp_engine.backends.numpy_backend import NumpyBackend
 
@@ -17,7 +17,7 @@ def get_backend(name: str, device: str = "auto") -> Backend:
     if name == "tensorflow":
         from tp_engine.backends.tf_backend import TensorflowBackend
 
-        return TensorflowBackend(device=device)
+        return TensorflowBackend(device=device, jit_compile=jit_compile)
     raise ValueError(f"unknown backend {name!r}; choose numpy or tensorflow")
 
 

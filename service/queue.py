@@ -1,0 +1,465 @@
+"""Durable sweep queue on SQLAlchemy Core (SQLite or PostgreSQL).
+
+One table, ``sweeps``. The URL decides the backend:
+
+* ``sqlite:///path/queue.db``: WAL journal and a busy timeout so several
+  processes can share the file; every write transaction starts with
+  ``BEGIN IMMEDIATE`` so writers queue up on the file lock instead of failing
+  when a read lock cannot be upgraded.
+* ``postgresql+psycopg://...`` (``postgresql://`` and ``postgres://`` are
+  rewritten to psycopg): ``claim_next`` takes a transaction-scoped advisory
+  lock so the "fewer than max_running" check cannot be raced, and picks the
+  row with ``FOR UPDATE SKIP LOCKED``.
+
+Orderings returned by :meth:`SweepQueue.list`:
+
+* ``state=QUEUED``: dispatch order (priority desc, then seq asc), i.e. the
+  order in which ``claim_next`` will hand them out;
+* anything else (a non-queued state, or ``None`` = all): newest first (seq desc).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine, make_url
+
+__all__ = [
+    "InvalidTransition",
+    "SweepQueue",
+    "SweepRecord",
+    "SweepState",
+    "TERMINAL",
+    "default_queue_url",
+]
+
+
+class SweepState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED})
+
+# Allowed mark() transitions. Terminal states have no way out.
+_TRANSITIONS: dict[SweepState, frozenset[SweepState]] = {
+    SweepState.QUEUED: frozenset({SweepState.RUNNING, SweepState.CANCELLED}),
+    SweepState.RUNNING: frozenset(
+        {SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED, SweepState.QUEUED}
+    ),
+    SweepState.SUCCEEDED: frozenset(),
+    SweepState.FAILED: frozenset(),
+    SweepState.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    """mark() was asked for a state change the state machine does not allow."""
+
+    def __init__(self, sweep_id: str, current: SweepState, requested: SweepState):
+        super().__init__(f"{sweep_id}: cannot go from {current.value} to {requested.value}")
+        self.sweep_id = sweep_id
+        self.current = current
+        self.requested = requested
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    id: str
+    name: str
+    spec_yaml: str
+    priority: int
+    state: SweepState
+    seq: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool
+    attempts: int
+    progress: dict[str, Any] = field(default_factory=dict)
+    mlflow_experiment_id: str | None = None
+    mlflow_parent_run_id: str | None = None
+    error: str | None = None
+    resume_of: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _UTCDateTime(sa.TypeDecorator):
+    """Timezone-aware UTC in and out.
+
+    SQLite keeps no offset (values come back naive), PostgreSQL returns them in
+    the session time zone; both are normalised to UTC here.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; use timezone-aware UTC")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+metadata = sa.MetaData()
+
+sweeps = sa.Table(
+    "sweeps",
+    metadata,
+    # seq doubles as the primary key: the database hands out a monotonically
+    # increasing value, which is the FIFO tie-break.
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(32), nullable=False, unique=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("spec_yaml", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", _UTCDateTime, nullable=False),
+    sa.Column("started_at", _UTCDateTime, nullable=True),
+    sa.Column("finished_at", _UTCDateTime, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("progress", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=False),
+    sa.Column("mlflow_experiment_id", sa.String(64), nullable=True),
+    sa.Column("mlflow_parent_run_id", sa.String(64), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("resume_of", sa.String(32), nullable=True),
+    sa.Index("ix_sweeps_dispatch", "state", sa.text("priority DESC"), "seq"),
+    # AUTOINCREMENT: never reuse a seq, even if rows were ever deleted by hand.
+    sqlite_autoincrement=True,
+)
+
+# PostgreSQL advisory lock keys. Any constants work; they only have to be the
+# same in every process using the queue.
+_CLAIM_LOCK_KEY = 0x7470_5357_0000_0001
+_SCHEMA_LOCK_KEY = 0x7470_5357_0000_0002
+
+_DISPATCH_ORDER = (sweeps.c.priority.desc(), sweeps.c.seq.asc())
+
+
+def _normalise_url(url: str) -> sa.URL:
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def default_queue_url() -> str:
+    """$SWEEP_DB_URL, else a SQLite file under $SWEEP_DATA_DIR (default ./sweep_data)."""
+    url = os.environ.get("SWEEP_DB_URL")
+    if url:
+        return url
+    data_dir = Path(os.environ.get("SWEEP_DATA_DIR") or Path.cwd() / "sweep_data").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_dir / 'queue.db'}"
+
+
+class SweepQueue:
+    """Durable queue of sweeps. Safe to use from several threads and processes."""
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0):
+        self.url = _normalise_url(url)
+        self._is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self._is_sqlite:
+            self._engine = sa.create_engine(
+                self.url,
+                connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+            )
+            _configure_sqlite(self._engine, busy_timeout_s)
+        elif self.url.get_backend_name() == "postgresql":
+            # pre_ping: a long-lived dispatcher must survive a database restart.
+            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
+        else:
+            raise ValueError(f"unsupported database URL: {self.url!r}")
+        # Same pool; only tells the SQLite begin hook to take the write lock up front.
+        self._writer = self._engine.execution_options(sqlite_immediate=True)
+        with self._writer.begin() as conn:
+            if not self._is_sqlite:
+                # Two processes starting on an empty database must not both run CREATE TABLE.
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            metadata.create_all(conn)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> SweepQueue:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writes ------------------------------------------------------------
+
+    def submit(
+        self,
+        name: str,
+        spec_yaml: str,
+        priority: int = 0,
+        resume_of: str | None = None,
+    ) -> SweepRecord:
+        """Queue a sweep. ``resume_of`` is stored as given (not checked)."""
+        for _ in range(5):
+            sweep_id = "sw-" + secrets.token_hex(6)
+            values = dict(
+                id=sweep_id,
+                name=name,
+                spec_yaml=spec_yaml,
+                priority=int(priority),
+                state=SweepState.QUEUED.value,
+                created_at=_utcnow(),
+                cancel_requested=False,
+                attempts=0,
+                progress={},
+                resume_of=resume_of,
+            )
+            try:
+                with self._writer.begin() as conn:
+                    row = conn.execute(sweeps.insert().values(**values).returning(*sweeps.c)).one()
+                    return _to_record(row)
+            except sa.exc.IntegrityError:
+                # 48 random bits make an id clash astronomically rare; retry only that case.
+                with self._engine.connect() as conn:
+                    clash = conn.execute(
+                        sa.select(sweeps.c.seq).where(sweeps.c.id == sweep_id)
+                    ).first()
+                if clash is None:
+                    raise
+        raise RuntimeError("could not generate a unique sweep id")
+
+    def claim_next(self, max_running: int = 1) -> SweepRecord | None:
+        """Move the best queued sweep to RUNNING if fewer than max_running are running.
+
+        Returns the claimed sweep, or None if the limit is reached or nothing is queued.
+        """
+        if max_running < 1:
+            raise ValueError("max_running must be >= 1")
+        with self._writer.begin() as conn:
+            if not self._is_sqlite:
+                # Serialises claimers so the count below stays true until commit.
+                # (On SQLite BEGIN IMMEDIATE already holds the database write lock.)
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CLAIM_LOCK_KEY)))
+            n_running = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(sweeps)
+                .where(sweeps.c.state == SweepState.RUNNING.value)
+            ).scalar_one()
+            if n_running >= max_running:
+                return None
+            # SKIP LOCKED: don't wait on a row someone is cancelling right now.
+            # (FOR UPDATE renders as nothing on SQLite.)
+            sweep_id = conn.execute(
+                sa.select(sweeps.c.id)
+                .where(sweeps.c.state == SweepState.QUEUED.value)
+                .order_by(*_DISPATCH_ORDER)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if sweep_id is None:
+                return None
+            return self._set(conn, sweep_id, self._enter_running())
+
+    def mark(self, sweep_id: str, state: SweepState, error: str | None = None) -> SweepRecord:
+        """Apply a state transition; raise InvalidTransition if it is not allowed.
+
+        * -> running (manual; does not check max_running): sets started_at, attempts += 1.
+        * -> succeeded/failed/cancelled: sets finished_at.
+        * running -> queued (requeue): clears started_at; the sweep keeps its
+          priority and seq, so it goes back to its original place in line. If a
+          cancel was requested meanwhile it becomes CANCELLED instead, so a
+          requeue can never resurrect a sweep the user cancelled.
+        ``error`` is stored when given (and left unchanged when None).
+        """
+        state = SweepState(state)
+        with self._writer.begin() as conn:
+            row = self._fetch_row(conn, sweep_id, for_update=True)
+            current = SweepState(row.state)
+            if state not in _TRANSITIONS[current]:
+                raise InvalidTransition(sweep_id, current, state)
+            now = _utcnow()
+            if state is SweepState.QUEUED and row.cancel_requested:
+                state = SweepState.CANCELLED
+            values: dict[str, Any] = {"state": state.value}
+            if state is SweepState.RUNNING:
+                values.update(self._enter_running())
+            elif state is SweepState.QUEUED:
+                values["started_at"] = None
+            else:
+                values["finished_at"] = now
+            if error is not None:
+                values["error"] = error
+            return self._set(conn, sweep_id, values)
+
+    def update(
+        self,
+        sweep_id: str,
+        *,
+        progress: dict[str, Any] | None = None,
+        mlflow_experiment_id: str | None = None,
+        mlflow_parent_run_id: str | None = None,
+    ) -> None:
+        """Set the given fields (None = leave unchanged). ``progress`` replaces the old dict."""
+        values: dict[str, Any] = {}
+        if progress is not None:
+            values["progress"] = dict(progress)
+        if mlflow_experiment_id is not None:
+            values["mlflow_experiment_id"] = mlflow_experiment_id
+        if mlflow_parent_run_id is not None:
+            values["mlflow_parent_run_id"] = mlflow_parent_run_id
+        with self._writer.begin() as conn:
+            if values:
+                self._set(conn, sweep_id, values)
+            else:
+                self._fetch_row(conn, sweep_id)  # still raise KeyError for unknown ids
+
+    def cancel(self, sweep_id: str) -> SweepRecord:
+        """Queued: cancelled at once. Running: cancel_requested=True (the dispatcher
+        stops the job, then marks it cancelled). Terminal: returned unchanged."""
+        with self._writer.begin() as conn:
+            row = self._fetch_row(conn, sweep_id, for_update=True)
+            current = SweepState(row.state)
+            if current is SweepState.QUEUED:
+                values = {
+                    "state": SweepState.CANCELLED.value,
+                    "cancel_requested": True,
+                    "finished_at": _utcnow(),
+                }
+            elif current is SweepState.RUNNING:
+                values = {"cancel_requested": True}
+            else:
+                return _to_record(row)
+            return self._set(conn, sweep_id, values)
+
+    # -- reads -------------------------------------------------------------
+
+    def get(self, sweep_id: str) -> SweepRecord:
+        with self._engine.connect() as conn:
+            return self._fetch(conn, sweep_id)
+
+    def list(self, state: SweepState | None = None, limit: int = 100) -> list[SweepRecord]:
+        query = sa.select(sweeps)
+        if state is None:
+            query = query.order_by(sweeps.c.seq.desc())
+        else:
+            state = SweepState(state)
+            query = query.where(sweeps.c.state == state.value)
+            if state is SweepState.QUEUED:
+                query = query.order_by(*_DISPATCH_ORDER)
+            else:
+                query = query.order_by(sweeps.c.seq.desc())
+        with self._engine.connect() as conn:
+            return [_to_record(r) for r in conn.execute(query.limit(limit))]
+
+    def running(self) -> list[SweepRecord]:
+        """All RUNNING sweeps, oldest claim first."""
+        query = (
+            sa.select(sweeps)
+            .where(sweeps.c.state == SweepState.RUNNING.value)
+            .order_by(sweeps.c.started_at.asc(), sweeps.c.seq.asc())
+        )
+        with self._engine.connect() as conn:
+            return [_to_record(r) for r in conn.execute(query)]
+
+    # -- helpers -----------------------------------------------------------
+
+    @staticmethod
+    def _enter_running() -> dict[str, Any]:
+        return {
+            "state": SweepState.RUNNING.value,
+            "started_at": _utcnow(),
+            "finished_at": None,
+            "attempts": sweeps.c.attempts + 1,
+        }
+
+    @staticmethod
+    def _fetch_row(conn: Connection, sweep_id: str, for_update: bool = False) -> sa.Row:
+        query = sa.select(sweeps).where(sweeps.c.id == sweep_id)
+        if for_update:
+            query = query.with_for_update()
+        row = conn.execute(query).one_or_none()
+        if row is None:
+            raise KeyError(sweep_id)
+        return row
+
+    def _fetch(self, conn: Connection, sweep_id: str) -> SweepRecord:
+        return _to_record(self._fetch_row(conn, sweep_id))
+
+    @staticmethod
+    def _set(conn: Connection, sweep_id: str, values: dict[str, Any]) -> SweepRecord:
+        row = conn.execute(
+            sweeps.update().where(sweeps.c.id == sweep_id).values(**values).returning(*sweeps.c)
+        ).one_or_none()
+        if row is None:
+            raise KeyError(sweep_id)
+        return _to_record(row)
+
+
+def _to_record(row: sa.Row) -> SweepRecord:
+    return SweepRecord(
+        id=row.id,
+        name=row.name,
+        spec_yaml=row.spec_yaml,
+        priority=row.priority,
+        state=SweepState(row.state),
+        seq=row.seq,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        cancel_requested=bool(row.cancel_requested),
+        attempts=row.attempts,
+        progress=dict(row.progress or {}),
+        mlflow_experiment_id=row.mlflow_experiment_id,
+        mlflow_parent_run_id=row.mlflow_parent_run_id,
+        error=row.error,
+        resume_of=row.resume_of,
+    )
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    """WAL + busy timeout, and take over BEGIN so writes can use BEGIN IMMEDIATE.
+
+    pysqlite's own implicit BEGIN is DEFERRED; a deferred transaction that reads
+    and then writes can fail with SQLITE_BUSY without waiting, so the driver's
+    transaction handling is switched off and SQLAlchemy's begin event emits BEGIN.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # driver: no implicit BEGIN/COMMIT
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

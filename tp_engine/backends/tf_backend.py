@@ -1,0 +1,195 @@
+"""TensorFlow backend: variables on CPU or GPU, local gradients from GradientTape, steps compiled
+with tf.function (XLA when ``jit_compile``), optimizer updates by TensorFlow's fused training ops.
+
+TensorFlow is imported only here, and only when this backend is asked for.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _import_tf():
+    # Quiet TensorFlow's start-up lines unless the user asked for them.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+class DeviceError(ValueError):
+    pass
+
+
+_THREADS_SET = False
+
+
+class TensorflowBackend:
+    name = "tensorflow"
+
+    def __init__(self, device: str = "auto", jit_compile: bool = True):
+        global _THREADS_SET
+        tf = _import_tf()
+        self.tf = tf
+        if not _THREADS_SET:
+            # Ray gives a trial OMP_NUM_THREADS=<its CPUs>; TensorFlow ignores that variable, so
+            # honour it here or two trials fight over both cores.
+            n = os.environ.get("OMP_NUM_THREADS")
+            try:
+                if n and int(n) > 0:
+                    tf.config.threading.set_intra_op_parallelism_threads(int(n))
+                    tf.config.threading.set_inter_op_parallelism_threads(max(1, int(n)))
+            except RuntimeError:  # already initialized in this process
+                pass
+            gpus = tf.config.list_physical_devices("GPU")
+            for g in gpus:
+                try:  # several trials may share one GPU
+                    tf.config.experimental.set_memory_growth(g, True)
+                except RuntimeError:
+                    pass
+            _THREADS_SET = True
+        gpus = tf.config.list_physical_devices("GPU")
+        if device == "gpu" and not gpus:
+            raise DeviceError("device gpu requested but TensorFlow sees no GPU; use device auto or cpu")
+        self.device = "/GPU:0" if (device in ("auto", "gpu") and gpus) else "/CPU:0"
+        self.jit_compile = jit_compile
+
+    # -- arrays ----------------------------------------------------------------------------
+    def asarray(self, x):
+        if isinstance(x, self.tf.Tensor):
+            return x
+        with self.tf.device(self.device):
+            return self.tf.convert_to_tensor(np.asarray(x, dtype=np.float32))
+
+    def to_numpy(self, x):
+        return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+    def variable(self, x):
+        with self.tf.device(self.device):
+            return self.tf.Variable(np.asarray(x, dtype=np.float32))
+
+    def assign(self, var, value):
+        var.assign(value)
+
+    # -- math ------------------------------------------------------------------------------
+    def matmul(self, a, b):
+        return self.tf.matmul(a, b)
+
+    def matmul_tn(self, a, b):
+        return self.tf.matmul(a, b, transpose_a=True)
+
+    def matmul_nt(self, a, b):
+        return self.tf.matmul(a, b, transpose_b=True)
+
+    def solve(self, a, b):
+        return self.tf.linalg.solve(a, b)
+
+    def eye(self, n):
+        return self.tf.eye(n, dtype=self.tf.float32)
+
+    def tanh(self, x):
+        return self.tf.tanh(x)
+
+    def arctanh(self, x):
+        return self.tf.math.atanh(x)
+
+    def sigmoid(self, x):
+        return self.tf.sigmoid(x)
+
+    def exp(self, x):
+        return self.tf.exp(x)
+
+    def log(self, x):
+        return self.tf.math.log(x)
+
+    def log1p(self, x):
+        return self.tf.math.log1p(x)
+
+    def sqrt(self, x):
+        return self.tf.sqrt(x)
+
+    def abs(self, x):
+        return self.tf.abs(x)
+
+    def maximum(self, a, b):
+        return self.tf.maximum(a, b)
+
+    def minimum(self, a, b):
+        return self.tf.minimum(a, b)
+
+    def where(self, c, a, b):
+        return self.tf.where(c, a, b)
+
+    def clip(self, x, lo, hi):
+        return self.tf.clip_by_value(x, lo, hi)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return self.tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x, axis=None):
+        return self.tf.reduce_mean(x, axis=axis)
+
+    def max(self, x, axis=None, keepdims=False):
+        return self.tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    def argmax(self, x, axis=-1):
+        return self.tf.argmax(x, axis=axis)
+
+    def equal(self, a, b):
+        return self.tf.equal(a, b)
+
+    def count(self, mask):
+        return self.tf.reduce_sum(self.tf.cast(mask, self.tf.int32))
+
+    def transpose(self, x):
+        return self.tf.transpose(x)
+
+    # -- gradients, optimizers, compilation -------------------------------------------------
+    def local_grads(self, loss_fn, params, manual):
+        with self.tf.GradientTape() as tape:
+            loss = loss_fn(params)
+        return tape.gradient(loss, params)
+
+    def optimizer_step(self, name, p, g, slots, hp, t):
+        """TensorFlow's fused training ops; they compute tp_engine.optimizers' formulas."""
+        tf, raw = self.tf, self.tf.raw_ops
+        if hp["clip_norm"] is not None:
+            g = tf.clip_by_norm(g, hp["clip_norm"])
+        lr = tf.constant(hp["lr"], tf.float32)
+        if name == "sgd":
+            # accum = m*accum + g; var -= lr*accum  ==  mom = m*mom + lr*g; var -= mom (lr fixed)
+            raw.ResourceApplyMomentum(var=p.handle, accum=slots["mom"].handle, lr=lr, grad=g,
+                                      momentum=tf.constant(hp["momentum"], tf.float32))
+        elif name in ("rmsprop", "rmsprop_centered"):
+            args = dict(var=p.handle, ms=slots["ms"].handle, mom=slots["mom"].handle, lr=lr,
+                        rho=tf.constant(hp["rho"], tf.float32),
+                        momentum=tf.constant(hp["momentum"], tf.float32),
+                        epsilon=tf.constant(hp["eps"], tf.float32), grad=g)
+            if name == "rmsprop_centered":
+                raw.ResourceApplyCenteredRMSProp(mg=slots["mg"].handle, **args)
+            else:
+                raw.ResourceApplyRMSProp(**args)
+        elif name == "adam":
+            raw.ResourceApplyAdam(
+                var=p.handle, m=slots["m"].handle, v=slots["v"].handle,
+                beta1_power=tf.pow(tf.constant(hp["beta1"], tf.float32), t),
+                beta2_power=tf.pow(tf.constant(hp["beta2"], tf.float32), t),
+                lr=lr, beta1=tf.constant(hp["beta1"], tf.float32),
+                beta2=tf.constant(hp["beta2"], tf.float32),
+                epsilon=tf.constant(hp["eps"], tf.float32), grad=g,
+            )
+        else:
+            raise ValueError(f"unknown optimizer {name!r}")
+
+    def compile(self, fn):
+        compiled = self.tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
+        device = self.device
+        tf = self.tf
+
+        def run(*args):
+            with tf.device(device):
+                return compiled(*args)
+
+        return run

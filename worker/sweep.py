@@ -1,0 +1,241 @@
+"""Run a sweep spec as Ray Tune trials, logging to MLflow, and leave the rule comparison on the
+parent run. ``run_sweep`` is what the embedded CLI calls in-process and what a Ray Job runs on a
+cluster; calling it again with the same storage resumes an interrupted sweep."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from worker import tracking
+from worker.spec import SweepSpec
+
+TRIAL_STATES = ("PENDING", "RUNNING", "PAUSED", "TERMINATED", "ERROR")
+
+
+def new_sweep_id() -> str:
+    return "sw-" + secrets.token_hex(6)
+
+
+@dataclass
+class Progress:
+    """What a progress display needs; updated by a Tune callback as trials report."""
+
+    total: int
+    done: int = 0
+    running: int = 0
+    pending: int = 0
+    errored: int = 0
+    best: dict[str, float] = field(default_factory=dict)  # rule -> best metric so far
+    epochs_reported: int = 0
+    completed_ids: set = field(default_factory=set)  # trials Tune finished (returned or stopped)
+    errored_ids: set = field(default_factory=set)  # trials out of retries
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("completed_ids"), d.pop("errored_ids")
+        return d
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    state: str  # succeeded | failed | interrupted
+    experiment_id: str
+    experiment_name: str
+    parent_run_id: str
+    tracking_uri: str
+    n_trials: int
+    trial_status: dict[str, int]
+    table: list[dict[str, Any]]
+    table_markdown: str
+    artifacts: list[str]
+    storage_path: str
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _init_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    # The service's RAY_ADDRESS is the Jobs API URL (http://...); ray.init cannot use that, and a
+    # Ray Job's own environment already points ray.init at its cluster.
+    if address and not address.startswith("http"):
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # "local": always a fresh in-process cluster, even if `ray start` left one on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+
+
+def _progress_callback(progress: Progress, metric: str, mode: str, on_progress: Callable[[Progress], None] | None):
+    from ray.tune import Callback
+
+    class _Cb(Callback):
+        def _update(self, trials):
+            counts = {s: 0 for s in TRIAL_STATES}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            progress.done = counts["TERMINATED"] + counts["ERROR"]
+            progress.errored = counts["ERROR"]
+            progress.running = counts["RUNNING"]
+            progress.pending = max(progress.total - progress.done - progress.running, counts["PENDING"])
+            if on_progress:
+                on_progress(progress)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.epochs_reported += 1
+            rule, value = result.get("rule"), result.get(metric)
+            if rule is not None and isinstance(value, (int, float)):
+                old = progress.best.get(rule)
+                if old is None or (value > old if mode == "max" else value < old):
+                    progress.best[rule] = float(value)
+            self._update(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._update(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.completed_ids.add(trial.trial_id)
+            self._update(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.errored_ids.add(trial.trial_id)
+            self._update(trials)
+
+    return _Cb()
+
+
+def storage_root(storage_path: str | None = None) -> str:
+    if storage_path:
+        return os.path.abspath(storage_path)
+    from tp_engine.data import data_dir
+
+    return str(data_dir() / "tune")
+
+
+def run_sweep(
+    spec: SweepSpec,
+    tracking_uri: str | None = None,
+    storage_path: str | None = None,
+    *,
+    sweep_id: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_start: Callable[[str, str], None] | None = None,
+    num_cpus: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> SweepResult:
+    """Run (or resume, when ``storage_path/sweep_id`` holds an interrupted run) a sweep.
+
+    ``on_start(experiment_id, parent_run_id)`` is called once the parent run exists."""
+    from ray import tune
+
+    from worker.report import compare, publish
+    from worker.search_space import to_param_space, to_scheduler, to_search_alg
+    from worker.trainable import TrialContext, run_trial
+
+    t0 = time.time()
+    tracking_uri = tracking_uri or tracking.default_tracking_uri()
+    sweep_id = sweep_id or new_sweep_id()
+    root = storage_root(storage_path)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    c = tracking.client(tracking_uri)
+    exp_id = tracking.experiment_id(c, spec.name)
+    parent_id = tracking.parent_run(c, exp_id, sweep_id, spec.to_yaml(), spec.description or "")
+    c.set_tag(parent_id, "tp.trials", str(spec.n_trials()))
+    if on_start:
+        on_start(exp_id, parent_id)
+
+    _init_ray(num_cpus)
+    ctx = TrialContext(spec.model_dump(mode="json"), sweep_id, tracking_uri, exp_id, parent_id)
+    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    param_space = to_param_space(spec)
+    progress = Progress(total=spec.n_trials(), pending=spec.n_trials())
+    run_config = tune.RunConfig(
+        name=sweep_id,
+        storage_path=root,
+        failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress)],
+        verbose=0,
+    )
+    exp_path = os.path.join(root, sweep_id)
+    if tune.Tuner.can_restore(exp_path):
+        # Resume: finished trials stay finished; unfinished and errored ones run again, each from
+        # its last checkpoint.
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                num_samples=spec.search.num_samples,
+                max_concurrent_trials=spec.search.max_concurrent_trials,
+                search_alg=to_search_alg(spec),
+                scheduler=to_scheduler(spec),
+                time_budget_s=spec.search.time_budget_s,
+                reuse_actors=False,
+            ),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+
+    trial_status = _reconcile(c, exp_id, sweep_id, results, progress)
+    unfinished = sum(v for k, v in trial_status.items() if k in ("running", "pending"))
+    if unfinished:
+        state = "interrupted"
+    elif trial_status.get("failed", 0) == spec.n_trials():
+        state = "failed"
+    else:
+        state = "succeeded"
+    cmp = compare(c, exp_id, parent_id, spec.search.metric, spec.search.mode, list(spec.parameters))
+    artifacts = [str(p) for p in publish(c, parent_id, cmp, Path(exp_path) / "comparison")]
+    for k, v in trial_status.items():
+        c.log_metric(parent_id, f"trials/{k}", v)
+    c.set_tag(parent_id, "sweep_state", state)
+    c.set_terminated(parent_id, {"succeeded": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
+    return SweepResult(
+        sweep_id, state, exp_id, spec.name, parent_id, tracking_uri, spec.n_trials(), trial_status,
+        cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
+    )
+
+
+def _reconcile(c, exp_id: str, sweep_id: str, results, progress: Progress) -> dict[str, int]:
+    """Give every trial's child run its final status, also for trials that could not say it
+    themselves (stopped early by ASHA, or out of retries). Trials neither finished nor failed are
+    'running' or 'pending': the sweep was interrupted and can be resumed."""
+    counts: dict[str, int] = {}
+    for r in results:
+        last = r.metrics or {}
+        trial_id = last.get("trial_id")
+        run = tracking.find_run(c, exp_id, **{tracking.TAG_SWEEP: sweep_id, tracking.TAG_TRIAL: trial_id}) if trial_id else None
+        tagged = run.data.tags.get(tracking.TAG_STATUS) if run is not None else None
+        reported = last.get("status")
+        if reported in ("completed", "diverged"):
+            status = reported
+        elif trial_id in progress.errored_ids or (r.error is not None and trial_id not in progress.completed_ids and tagged == "failed"):
+            status = "failed"
+        elif trial_id in progress.completed_ids:
+            status = "early_stopped"  # Tune ended it before its last epoch: ASHA
+        elif tagged in ("early_stopped", "failed"):
+            status = tagged  # settled by an earlier run of this sweep
+        else:
+            status = "running" if reported else "pending"
+        counts[status] = counts.get(status, 0) + 1
+        if run is not None and status in ("failed", "early_stopped") and tagged != status:
+            c.set_tag(run.info.run_id, tracking.TAG_STATUS, status)
+            c.set_terminated(run.info.run_id, "FAILED" if status == "failed" else "FINISHED")
+        elif run is not None and status in ("running", "pending"):
+            c.set_terminated(run.info.run_id, "KILLED")
+    return counts

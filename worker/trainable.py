@@ -1,0 +1,128 @@
+"""One Ray Tune trial: build the trial config from the spec, train with the engine, report every
+epoch to Tune (with a checkpoint) and to the trial's own MLflow child run."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# A test hook: when set to a path, the trial raises once at epoch 2 (creating the path), so the
+# retry-from-checkpoint path can be exercised on a real cluster.
+FAIL_ONCE_ENV = "TP_FAIL_ONCE_MARKER"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares; passed with tune.with_parameters."""
+
+    spec: dict[str, Any]
+    sweep_id: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def _load_checkpoint():
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None, None
+    with ckpt.as_directory() as d:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+        with np.load(Path(d) / "state.npz") as z:
+            state = {k: z[k] for k in z.files}
+    return meta, state
+
+
+def _save_checkpoint(d: Path, meta: dict, state: dict[str, np.ndarray]) -> None:
+    np.savez(d / "state.npz", **state)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    from ray import tune
+
+    from tp_engine.data import load_dataset
+    from tp_engine.train import STATUS_DIVERGED, train
+    from worker import tracking
+    from worker.spec import SweepSpec
+
+    spec = SweepSpec.model_validate(ctx.spec)
+    cfg = spec.trial_config(dict(params))
+    trial_id = tune.get_context().get_trial_id()
+    c = tracking.client(ctx.tracking_uri)
+    tags = {"rule": cfg.rule, "backend": cfg.backend, "seed": str(cfg.seed),
+            "config_hash": cfg.config_hash(), "dataset": cfg.dataset}
+    name = f"{cfg.rule}-s{cfg.seed}-{trial_id[-5:]}"
+    run_id, _ = tracking.child_run(c, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
+                                   tags, cfg.flat(), name)
+
+    meta, state = _load_checkpoint()
+    start_epoch = int(meta["epoch"]) if meta else 0
+    history = meta["history"] if meta else []
+
+    ds = load_dataset(cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path)
+
+    def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
+        epoch = int(m["epoch"])
+        marker = os.environ.get(FAIL_ONCE_ENV)
+        if marker and epoch == 2 and not os.path.exists(marker):
+            Path(marker).write_text(trial_id)
+            raise RuntimeError("injected failure (TP_FAIL_ONCE_MARKER)")
+        tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
+        history.append(m)
+        with tempfile.TemporaryDirectory() as d:
+            _save_checkpoint(Path(d), {"epoch": epoch, "history": history, "run_id": run_id}, st)
+            status = "completed" if epoch >= cfg.epochs else "running"
+            tune.report({**m, "status": status, "rule": cfg.rule}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    res = train(cfg, on_epoch, data=ds, resume=state, start_epoch=start_epoch, history=list(history))
+    s = res.summary
+    final = {f"final/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracking.log_metrics(c, run_id, final, step=len(res.history))
+    if res.status == STATUS_DIVERGED:
+        last = res.history[-1] if res.history else {}
+        tune.report({**last, "status": STATUS_DIVERGED, "rule": cfg.rule})
+    _log_artifacts(c, run_id, res, ds, cfg)
+    c.set_tag(run_id, tracking.TAG_STATUS, res.status)
+    c.set_terminated(run_id, "FINISHED")
+
+
+def _log_artifacts(c, run_id: str, res, ds, cfg) -> None:
+    """The model (an MLflow pyfunc) and, for autoencoders, a PNG of inputs beside reconstructions."""
+    import mlflow
+
+    from worker.mlflow_model import log_model
+
+    with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+        log_model(res.model, Path(d), ds.x_test[:5])
+        mlflow.log_dict(res.summary, "summary.json")
+        if cfg.mode == "autoencoder" and ds.image_shape is not None:
+            mlflow.log_figure(reconstruction_grid(res.model, ds), "reconstructions.png")
+
+
+def reconstruction_grid(model, ds, n: int = 8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = ds.x_test[:n]
+    rec = model.predict(x)
+    imgs, recs = ds.images(x), ds.images(rec)
+    fig, axes = plt.subplots(2, n, figsize=(n * 1.2, 2.6))
+    for i in range(n):
+        for row, arr in ((0, imgs), (1, recs)):
+            ax = axes[row, i]
+            ax.imshow(np.clip(arr[i], 0, 1), cmap="gray" if arr[i].ndim == 2 else None)
+            ax.axis("off")
+    axes[0, 0].set_title("input", fontsize=8, loc="left")
+    axes[1, 0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
