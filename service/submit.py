@@ -1,0 +1,271 @@
+"""``python -m service.submit SPEC.yaml``: validate a sweep spec, queue it, run it.
+
+With ``SWEEP_SERVICE_URL`` (or ``--service``) set, the spec goes to the API and the sweep runs on
+its Ray cluster. Without one, it runs embedded: recorded in the local queue database, run
+in-process on a local Ray, logged to the local MLflow store, with live progress. Exit codes: 0
+success, 2 invalid input, 1 anything else (an interrupted sweep exits 130)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Args(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Args(prog="python -m service.submit", description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", nargs="?", help="sweep spec (YAML)")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded trials and run nothing")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--wait", dest="wait", action="store_true", default=True, help="wait for the end (default)")
+    w.add_argument("--no-wait", dest="wait", action="store_false", help="queue and return")
+    p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="resume an interrupted embedded sweep")
+    p.add_argument("--service", metavar="URL", help="API to submit to (default: $SWEEP_SERVICE_URL)")
+    p.add_argument("--priority", type=int, help="override the spec's priority")
+    p.add_argument("--num-cpus", type=int, help="embedded: CPUs of the local Ray (default: all)")
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_spec_errors(errors) -> None:
+    for e in errors:
+        print(f"error: {e.path}: {e.reason}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.spec and not args.resume:
+        _err("give a spec file (or --resume SWEEP_ID)")
+        return EXIT_INPUT
+    from worker.spec import SpecError, load_spec
+
+    spec, spec_text = None, None
+    if args.spec:
+        path = Path(args.spec)
+        if not path.is_file():
+            _err(f"{args.spec}: no such file")
+            return EXIT_INPUT
+        try:
+            spec_text = path.read_text()
+            spec = load_spec(path)
+        except SpecError as e:
+            print_spec_errors(e.errors)
+            print(f"error: {args.spec}: {len(e.errors)} problem(s); nothing was queued", file=sys.stderr)
+            return EXIT_INPUT
+        except UnicodeDecodeError:
+            _err(f"{args.spec}: not a text file")
+            return EXIT_INPUT
+    if args.dry_run:
+        return dry_run(spec, args.json)
+    service = (args.service or os.environ.get("SWEEP_SERVICE_URL") or "").rstrip("/")
+    if service:
+        if args.resume:
+            _err("--resume is for embedded sweeps; a service resumes its sweeps itself")
+            return EXIT_INPUT
+        return submit_remote(service, spec_text, args)
+    return submit_embedded(spec, spec_text, args)
+
+
+def dry_run(spec, as_json: bool) -> int:
+    trials = spec.expand()
+    if as_json:
+        print(json.dumps({"name": spec.name, "n_trials": len(trials), "trials": trials}, default=str))
+        return EXIT_OK
+    from rich.table import Table
+
+    t = Table(title=f"{spec.name}: {len(trials)} trial(s) (sampled values are a preview; Tune draws its own)")
+    keys = sorted({k for tr in trials for k in tr["params"]})
+    for k in ["#", *keys, "seed"]:
+        t.add_column(k)
+    for tr in trials:
+        t.add_row(str(tr["trial"]), *[_fmt(tr["params"].get(k)) for k in keys], str(tr["seed"]))
+    from rich.console import Console
+
+    Console().print(t)
+    return EXIT_OK
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -- embedded ------------------------------------------------------------------------------------
+def submit_embedded(spec, spec_text: str | None, args) -> int:
+    from service.queue import SweepQueue, SweepState
+    from service.settings import load
+
+    st = load()
+    queue = SweepQueue(st.db_url)
+    console = _console()
+    if args.resume:
+        try:
+            rec = queue.get(args.resume)
+        except KeyError:
+            _err(f"no sweep {args.resume} in {st.db_url}")
+            return EXIT_INPUT
+        if rec.state != SweepState.QUEUED:
+            _err(f"sweep {rec.id} is {rec.state.value}; only an interrupted (queued) sweep can be resumed")
+            return EXIT_INPUT
+        from worker.spec import load_spec
+
+        spec, spec_text = load_spec(rec.spec_yaml), rec.spec_yaml
+    else:
+        for old in queue.list(SweepState.QUEUED):
+            if old.attempts > 0:
+                console.print(f"[yellow]note:[/] sweep {old.id} ({old.name}) was interrupted; "
+                              f"resume it with: python -m service.submit --resume {old.id}")
+        rec = queue.submit(spec.name, spec_text, spec.priority if args.priority is None else args.priority)
+        console.print(f"queued sweep [bold]{rec.id}[/] ({spec.name}, {spec.n_trials()} trials) in {st.db_url}")
+    if not args.wait:
+        log = st.sweeps_dir / rec.id / "embedded.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as f:
+            # A detached process runs it, so this command returns at once.
+            subprocess.Popen([sys.executable, "-m", "service.submit", "--resume", rec.id],
+                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        console.print(f"running in the background; log: {log}; follow with: python -m service.status {rec.id}")
+        if args.json:
+            print(json.dumps({"sweep_id": rec.id, "state": "queued", "experiment_name": spec.name}))
+        return EXIT_OK
+    return run_embedded(queue, rec.id, spec, st, args, console)
+
+
+def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
+    from service.queue import SweepState
+    from worker.sweep import run_sweep
+
+    queue.mark(sweep_id, SweepState.RUNNING)
+    ids: dict[str, str] = {}
+
+    def on_start(exp_id: str, parent_id: str) -> None:
+        ids.update(experiment_id=exp_id, parent_run_id=parent_id)
+        queue.update(sweep_id, mlflow_experiment_id=exp_id, mlflow_parent_run_id=parent_id)
+
+    display = _LiveProgress(console, spec, sweep_id)
+    last = [0.0]
+
+    def on_progress(p) -> None:
+        display.update(p)
+        if time.time() - last[0] > 2 or p.done == p.total:
+            last[0] = time.time()
+            queue.update(sweep_id, progress=p.as_dict())
+
+    try:
+        with display:
+            res = run_sweep(spec, st.tracking_uri, str(st.storage_path), sweep_id=sweep_id,
+                            on_progress=on_progress, on_start=on_start, num_cpus=args.num_cpus)
+    except KeyboardInterrupt:
+        queue.mark(sweep_id, SweepState.QUEUED)
+        console.print(f"[yellow]interrupted.[/] Resume with: python -m service.submit --resume {sweep_id}")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # the sweep's own failure, not bad input
+        queue.mark(sweep_id, SweepState.FAILED, error=f"{type(e).__name__}: {e}")
+        raise
+    queue.update(sweep_id, progress={**display.progress_dict(), "result": _small(res.as_dict())})
+    if res.state == "interrupted":
+        queue.mark(sweep_id, SweepState.QUEUED)
+        console.print(f"[yellow]interrupted[/] ({res.trial_status}). "
+                      f"Resume with: python -m service.submit --resume {sweep_id}")
+        code = EXIT_INTERRUPTED
+    else:
+        queue.mark(sweep_id, SweepState.SUCCEEDED if res.state == "succeeded" else SweepState.FAILED,
+                   error=None if res.state == "succeeded" else f"trials: {res.trial_status}")
+        print_result(console, res)
+        code = EXIT_OK if res.state == "succeeded" else EXIT_FAIL
+    if args.json:
+        print(json.dumps(summary_json(res)))
+    return code
+
+
+def _small(d: dict) -> dict:
+    return {k: d[k] for k in ("state", "trial_status", "table", "table_markdown", "artifacts") if k in d}
+
+
+def summary_json(res) -> dict[str, Any]:
+    return {
+        "sweep_id": res.sweep_id, "state": res.state, "experiment_name": res.experiment_name,
+        "experiment_id": res.experiment_id, "parent_run_id": res.parent_run_id,
+        "tracking_uri": res.tracking_uri, "trial_status": res.trial_status, "table": res.table,
+        "artifacts": res.artifacts, "seconds": round(res.seconds, 1),
+    }
+
+
+def print_result(console, res) -> None:
+    from rich.markdown import Markdown
+
+    console.print(f"\nsweep [bold]{res.sweep_id}[/]: {res.state} {res.trial_status} in {res.seconds:.0f} s")
+    console.print(Markdown(res.table_markdown))
+    console.print(f"plots and table: {Path(res.artifacts[0]).parent if res.artifacts else '-'}")
+    uri = res.tracking_uri
+    console.print("open the MLflow UI with:")
+    console.print(f"  [bold]mlflow ui --backend-store-uri {uri}[/]   (then http://127.0.0.1:5000, "
+                  f"experiment '{res.experiment_name}')", soft_wrap=True)
+
+
+class _LiveProgress:
+    """Live table: trials done, running and pending, and the best metric so far per rule."""
+
+    def __init__(self, console, spec, sweep_id: str):
+        from rich.live import Live
+
+        self.console, self.spec, self.sweep_id = console, spec, sweep_id
+        self.p = None
+        self.t0 = time.time()
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.update(self._render())
+        return self.live.__exit__(*exc)
+
+    def update(self, p) -> None:
+        self.p = p
+        self.live.update(self._render())
+
+    def progress_dict(self) -> dict:
+        return self.p.as_dict() if self.p else {}
+
+    def _render(self):
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        total = self.spec.n_trials()
+        p = self.p
+        done, running = (p.done, p.running) if p else (0, 0)
+        pending = max(total - done - running, 0)
+        t = Table.grid(padding=(0, 2))
+        t.add_row(f"[bold]{self.sweep_id}[/] {self.spec.name}", ProgressBar(total=total, completed=done, width=30),
+                  f"{done}/{total} done, {running} running, {pending} pending, {time.time() - self.t0:.0f}s")
+        if p and p.best:
+            metric = self.spec.search.metric
+            t.add_row(f"best {metric}:", "  ".join(f"{r} {v:.4f}" for r, v in sorted(p.best.items())), "")
+        return t
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
