@@ -213,15 +213,31 @@ def summary_json(res) -> dict[str, Any]:
 
 
 def print_result(console, res) -> None:
-    from rich.markdown import Markdown
-
     console.print(f"\nsweep [bold]{res.sweep_id}[/]: {res.state} {res.trial_status} in {res.seconds:.0f} s")
-    console.print(Markdown(res.table_markdown))
-    console.print(f"plots and table: {Path(res.artifacts[0]).parent if res.artifacts else '-'}")
-    uri = res.tracking_uri
+    console.print(comparison_table(res.table))
+    console.print(f"table and plots: {Path(res.artifacts[0]).parent if res.artifacts else '-'} "
+                  f"(also on the MLflow parent run {res.parent_run_id})")
     console.print("open the MLflow UI with:")
-    console.print(f"  [bold]mlflow ui --backend-store-uri {uri}[/]   (then http://127.0.0.1:5000, "
-                  f"experiment '{res.experiment_name}')", soft_wrap=True)
+    console.print(f"  [bold]mlflow ui --backend-store-uri {res.tracking_uri}[/]", soft_wrap=True)
+    console.print(f"  then http://127.0.0.1:5000, experiment '{res.experiment_name}'")
+
+
+def comparison_table(rows: list[dict]):
+    """The per-rule comparison as a compact Rich table (the Markdown version is on MLflow)."""
+    from rich.table import Table
+
+    metric = rows[0]["metric"] if rows else "metric"
+    t = Table(title="Comparison of propagation rules (mean ± std over seeds of each rule's best config)")
+    for col in ("rule", metric, "test acc", "best trial", "config", "s/epoch", "trials"):
+        t.add_column(col, overflow="fold")
+    pm = lambda m, s: "–" if m is None else f"{m:.4f} ± {s or 0:.4f}"  # noqa: E731
+    for r in rows:
+        t.add_row(r["rule"], pm(r["metric_mean"], r["metric_std"]), pm(r["test_mean"], r["test_std"]),
+                  "–" if r["best_trial_metric"] is None else f"{r['best_trial_metric']:.4f}",
+                  r["best_config"] or "defaults",
+                  "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}",
+                  r["statuses"])
+    return t
 
 
 class _LiveProgress:

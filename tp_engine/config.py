@@ -71,6 +71,8 @@ class TrialConfig(BaseModel):
     batch_size: int = Field(100, ge=1, le=65_536)
     seed: int = Field(0, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    # Multiplies both learning rates: one sweep can search around each rule's own default.
+    lr_scale: float = Field(1.0, gt=0, le=1000)
 
     # Targets.
     alpha: float = Field(0.3277, gt=0, le=100, description="top-target step size")

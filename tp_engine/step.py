@@ -34,9 +34,10 @@ class Engine:
         inverse_layers = list(range(2, self.top + 1)) if self.rule.learned_inverse else []
         init_seq, self.shuffle_seq, self.noise_seq = np.random.SeedSequence(cfg.seed).spawn(3)
         self.net = Network(B, sizes, cfg.activation, cfg.init, init_seq, inverse_layers)
-        self.opt = Optimizer(B, cfg.optimizer, self.net.forward_params())
+        scaled = lambda o: o.model_copy(update={"lr": o.lr * cfg.lr_scale})  # noqa: E731
+        self.opt = Optimizer(B, scaled(cfg.optimizer), self.net.forward_params())
         self.inv_opt = (
-            Optimizer(B, cfg.inverse_optimizer, self.net.inverse_params()) if inverse_layers else None
+            Optimizer(B, scaled(cfg.inverse_optimizer), self.net.inverse_params()) if inverse_layers else None
         )
         # Compiled entry points (TensorFlow traces these once; NumPy runs them as they are).
         self.forward_step = B.compile(self._forward_step)

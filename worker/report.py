@@ -198,6 +198,9 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
         ax.plot(cv["epoch"], cv["mean"], marker="o", ms=3, label=rule)
         ax.fill_between(cv["epoch"], cv["lo"], cv["hi"], alpha=0.2)
     metric_name = next((cv["metric"] for cv in cmp.curves.values()), "valid_accuracy")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{metric_name} (mean ± std over seeds)")
     ax.set_title("Validation curve per rule")
@@ -214,6 +217,7 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
         if angles:
             ax.plot(list(angles), list(angles.values()), marker="o", label=rule)
     ax.axhline(90, color="gray", ls="--", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("angle to backprop update (degrees)")
     ax.set_title("Final angle to backprop per layer")

@@ -3,8 +3,10 @@ parent run. ``run_sweep`` is what the embedded CLI calls in-process and what a R
 cluster; calling it again with the same storage resumes an interrupted sweep."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +68,10 @@ def _init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Our own progress display replaces Tune's console reporter.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = os.environ.get("RAY_ADDRESS")
     # The service's RAY_ADDRESS is the Jobs API URL (http://...); ray.init cannot use that, and a
     # Ray Job's own environment already points ray.init at its cluster.
@@ -77,42 +83,60 @@ def _init_ray(num_cpus: int | None = None) -> None:
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
 
 
-def _progress_callback(progress: Progress, metric: str, mode: str, on_progress: Callable[[Progress], None] | None):
+# Tune pickles its run config (callbacks included); listeners such as a live display cannot be
+# pickled, so the callback (a module-level class, pickled by reference) refers to them by key.
+_LISTENERS: dict[str, Callable[[Progress], None]] = {}
+
+
+def _tune_callback_base():
     from ray.tune import Callback
 
-    class _Cb(Callback):
-        def _update(self, trials):
-            counts = {s: 0 for s in TRIAL_STATES}
-            for t in trials:
-                counts[t.status] = counts.get(t.status, 0) + 1
-            progress.done = counts["TERMINATED"] + counts["ERROR"]
-            progress.errored = counts["ERROR"]
-            progress.running = counts["RUNNING"]
-            progress.pending = max(progress.total - progress.done - progress.running, counts["PENDING"])
-            if on_progress:
-                on_progress(progress)
+    return Callback
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            progress.epochs_reported += 1
-            rule, value = result.get("rule"), result.get(metric)
-            if rule is not None and isinstance(value, (int, float)):
-                old = progress.best.get(rule)
-                if old is None or (value > old if mode == "max" else value < old):
-                    progress.best[rule] = float(value)
-            self._update(trials)
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._update(trials)
+class _ProgressCallback(_tune_callback_base()):
+    def __init__(self, progress: Progress, metric: str, mode: str, key: str):
+        self.progress, self.metric, self.mode, self.key = progress, metric, mode, key
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            progress.completed_ids.add(trial.trial_id)
-            self._update(trials)
+    def _update(self, trials):
+        p = self.progress
+        counts = {s: 0 for s in TRIAL_STATES}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        p.done = counts["TERMINATED"] + counts["ERROR"]
+        p.errored = counts["ERROR"]
+        p.running = counts["RUNNING"]
+        p.pending = max(p.total - p.done - p.running, counts["PENDING"])
+        listener = _LISTENERS.get(self.key)
+        if listener is not None:
+            listener(p)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            progress.errored_ids.add(trial.trial_id)
-            self._update(trials)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.progress.epochs_reported += 1
+        rule, value = result.get("rule"), result.get(self.metric)
+        if rule is not None and isinstance(value, (int, float)):
+            old = self.progress.best.get(rule)
+            if old is None or (value > old if self.mode == "max" else value < old):
+                self.progress.best[rule] = float(value)
+        self._update(trials)
 
-    return _Cb()
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._update(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.progress.completed_ids.add(trial.trial_id)
+        self._update(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.progress.errored_ids.add(trial.trial_id)
+        self._update(trials)
+
+
+def _progress_callback(progress: Progress, metric: str, mode: str, on_progress):
+    key = secrets.token_hex(4)
+    if on_progress is not None:
+        _LISTENERS[key] = on_progress
+    return _ProgressCallback(progress, metric, mode, key)
 
 
 def storage_root(storage_path: str | None = None) -> str:
@@ -189,7 +213,9 @@ def run_sweep(
             ),
             run_config=run_config,
         )
-    results = tuner.fit()
+    # Tune prints its own banners to stdout; keep stdout for the caller's --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        results = tuner.fit()
 
     trial_status = _reconcile(c, exp_id, sweep_id, results, progress)
     unfinished = sum(v for k, v in trial_status.items() if k in ("running", "pending"))

@@ -1,0 +1,355 @@
+"""The sweep service's HTTP API (FastAPI), with the dispatcher running in a thread beside it.
+
+    python -m service.api [--host 127.0.0.1] [--port 8000] [--no-dispatcher] [--poll-interval 1]
+
+Routes (every one but /health needs ``Authorization: Bearer $SWEEP_API_TOKEN`` when that is set):
+
+* ``POST /sweeps`` body = the spec, YAML (application/x-yaml, text/yaml, text/plain) or a JSON
+  object (application/json); ``?priority=N`` overrides the spec's priority. 201 -> SweepView;
+  422 -> ``{"detail": [{"path", "reason"}, ...]}`` (nothing queued); 413 over 1 MiB.
+* ``GET /sweeps?state=&limit=`` -> ``{"sweeps": [SweepView, ...]}``
+* ``GET /sweeps/{id}`` -> SweepView (404 ``{"detail": "..."}``)
+* ``GET /sweeps/{id}/spec`` -> the stored spec as YAML text
+* ``POST /sweeps/{id}/cancel`` -> SweepView (idempotent)
+* ``GET /health`` -> ``{"status": "ok", "queue", "dispatcher", "ray"}`` (open)
+* ``/docs``, ``/openapi.json``: FastAPI's (open: they hold no data, and a browser could not send
+  the token to load them).
+
+The request path imports neither Ray nor MLflow: specs are validated with ``worker.spec``.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import yaml
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from service.queue import SweepQueue, SweepState
+from service.settings import Settings
+from service.views import SweepList, SweepView, ViewBuilder, n_trials_of
+from worker.spec import DOCUMENT, MAX_SPEC_BYTES, SpecError, SweepSpec
+
+log = logging.getLogger("service.api")
+
+YAML_TYPES = {"application/x-yaml", "application/yaml", "text/yaml", "text/x-yaml", "text/plain"}
+JSON_TYPES = {"application/json"}
+MAX_LIST = 1000
+
+
+class _Unprocessable(Exception):
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+
+
+def _detail(path: str, reason: str) -> dict[str, str]:
+    return {"path": path, "reason": reason}
+
+
+# ---- auth ------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="SWEEP_API_TOKEN (only when the service has one)")
+
+
+def _require_token(request: Request, cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    token: str | None = request.app.state.settings.api_token
+    if not token:
+        return
+    given = cred.credentials if cred is not None and cred.scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong bearer token (send Authorization: Bearer $SWEEP_API_TOKEN)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+# ---- spec parsing ----------------------------------------------------------------------------
+
+
+def _media_type(request: Request) -> str:
+    return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+
+
+async def _read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise HTTPException(400, detail="bad Content-Length") from None
+        if n > MAX_SPEC_BYTES:
+            raise HTTPException(413, detail=f"spec is larger than 1 MiB ({n} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            raise HTTPException(413, detail=f"spec is larger than 1 MiB (more than {MAX_SPEC_BYTES} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
+    """(validated spec, the YAML text to store: what the worker will read)."""
+    try:
+        if media_type in JSON_TYPES or media_type.endswith("+json"):
+            try:
+                data = json.loads(body.decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                raise SpecError.at(DOCUMENT, f"spec is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except ValueError as e:
+                raise SpecError.at(DOCUMENT, f"JSON syntax error: {e}") from None
+            SweepSpec.from_dict(data)  # errors with paths into the object as sent
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+        else:
+            text = body.decode("utf-8-sig") if body else ""
+        spec = SweepSpec.from_yaml(text)
+    except SpecError as e:
+        raise _Unprocessable([_detail(fe.path, fe.reason) for fe in e.errors]) from None
+    except UnicodeDecodeError as e:
+        raise _Unprocessable([_detail(DOCUMENT, f"spec is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+    return spec, text
+
+
+def _parse_priority(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _Unprocessable([_detail("priority", f"must be an integer, got {raw!r}")]) from None
+    if not -(2**31) <= value < 2**31:
+        raise _Unprocessable([_detail("priority", "must fit in 32 bits")])
+    return value
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    queue: SweepQueue | None = None,
+    dispatcher: bool | None = None,
+    poll_interval: float = 1.0,
+) -> FastAPI:
+    """The API. ``dispatcher``: run the dispatcher thread (default: when a Ray address is set).
+    A ``queue`` passed in is used as is and left open; otherwise one is opened on
+    ``settings.db_url`` for the app's lifetime."""
+    if settings is None:
+        from service.settings import load
+
+        settings = load()
+    run_dispatcher = bool(settings.ray_address) if dispatcher is None else dispatcher
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own_queue = queue is None
+        q = queue if queue is not None else SweepQueue(settings.db_url)
+        app.state.queue = q
+        d = None
+        if run_dispatcher:
+            from service.dispatcher import Dispatcher
+
+            d = Dispatcher(settings, q, poll_interval=poll_interval)
+            d.start()
+        elif settings.ray_address is None:
+            log.info("no RAY_ADDRESS: the dispatcher is off, sweeps stay queued")
+        app.state.dispatcher = d
+        try:
+            yield
+        finally:
+            if d is not None:
+                d.stop()
+            if own_queue:
+                q.close()
+
+    app = FastAPI(
+        title="tp-sweep service",
+        version="0.1.0",
+        summary="Queue target-propagation hyperparameter sweeps and run them on a Ray cluster.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.views = ViewBuilder(settings.sweeps_dir, settings.tracking_uri)
+    app.state.dispatcher = None
+
+    @app.exception_handler(_Unprocessable)
+    async def _on_unprocessable(request: Request, exc: _Unprocessable):
+        return JSONResponse(status_code=422, content={"detail": exc.errors})
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError):
+        out = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body", "header")]
+            out.append(_detail(".".join(loc) or DOCUMENT, err.get("msg", "invalid")))
+        return JSONResponse(status_code=422, content={"detail": out})
+
+    def _queue(request: Request) -> SweepQueue:
+        return request.app.state.queue
+
+    def _view(request: Request, rec) -> SweepView:
+        return request.app.state.views.view(rec)
+
+    def _get_or_404(q: SweepQueue, sweep_id: str):
+        try:
+            return q.get(sweep_id)
+        except KeyError:
+            raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
+
+    def _wake(request: Request) -> None:
+        d = request.app.state.dispatcher
+        if d is not None:
+            d.wake()
+
+    @app.get("/health", tags=["service"])
+    def health(request: Request) -> dict[str, Any]:
+        """Liveness; needs no token."""
+        q = request.app.state.queue
+        d = request.app.state.dispatcher
+        return {
+            "status": "ok",
+            "queue": q.url.get_backend_name(),
+            "dispatcher": "running" if d is not None and d.is_running() else "stopped",
+            "ray": settings.ray_address,
+        }
+
+    router = APIRouter(dependencies=[Depends(_require_token)], tags=["sweeps"])
+
+    @router.post(
+        "/sweeps",
+        status_code=201,
+        response_model=SweepView,
+        responses={
+            413: {"description": "body larger than 1 MiB"},
+            422: {"description": '{"detail": [{"path": "...", "reason": "..."}]}; nothing queued'},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-yaml": {"schema": {"type": "string"}},
+                    "application/json": {"schema": {"type": "object"}},
+                },
+            }
+        },
+    )
+    async def submit(request: Request) -> SweepView:
+        """Queue a sweep. The body is the spec itself (YAML text or a JSON object)."""
+        priority = _parse_priority(request.query_params.get("priority"))
+        media = _media_type(request)
+        if media and media not in YAML_TYPES | JSON_TYPES and not media.endswith(("+json", "+yaml")) \
+                and media != "application/octet-stream":
+            raise HTTPException(415, detail=f"unsupported Content-Type {media!r}: send the spec as "
+                                            f"application/x-yaml, text/yaml, text/plain or application/json")
+        body = await _read_body(request)
+
+        def work() -> SweepView:
+            spec, text = _parse_spec(body, media)
+            rec = _queue(request).submit(spec.name, text, priority=spec.priority if priority is None else priority)
+            return _view(request, rec)
+
+        view = await run_in_threadpool(work)
+        _wake(request)
+        return view
+
+    @router.get("/sweeps", response_model=SweepList)
+    def list_sweeps(
+        request: Request,
+        state: str | None = Query(None, description="queued, running, succeeded, failed or cancelled"),
+        limit: int = Query(100, ge=1, le=MAX_LIST),
+    ) -> SweepList:
+        """Sweeps, newest first (with state=queued: in dispatch order)."""
+        st = None
+        if state:
+            try:
+                st = SweepState(state)
+            except ValueError:
+                raise _Unprocessable([_detail("state", f"unknown state {state!r}; expected one of "
+                                                       + ", ".join(s.value for s in SweepState))]) from None
+        recs = _queue(request).list(st, limit=limit)
+        return SweepList(sweeps=[_view(request, r) for r in recs])
+
+    @router.get("/sweeps/{sweep_id}", response_model=SweepView, responses={404: {"description": "no such sweep"}})
+    def get_sweep(request: Request, sweep_id: str) -> SweepView:
+        return _view(request, _get_or_404(_queue(request), sweep_id))
+
+    @router.get("/sweeps/{sweep_id}/spec", response_class=PlainTextResponse,
+                responses={200: {"content": {"application/x-yaml": {}}}, 404: {"description": "no such sweep"}})
+    def get_spec(request: Request, sweep_id: str) -> PlainTextResponse:
+        """The spec as stored (the text the worker runs)."""
+        rec = _get_or_404(_queue(request), sweep_id)
+        return PlainTextResponse(rec.spec_yaml, media_type="application/x-yaml")
+
+    @router.post("/sweeps/{sweep_id}/cancel", response_model=SweepView,
+                 responses={404: {"description": "no such sweep"}})
+    def cancel_sweep(request: Request, sweep_id: str) -> SweepView:
+        """Queued: cancelled now. Running: the dispatcher stops the Ray job (Tune saves its
+        state), then marks it cancelled. Finished: unchanged."""
+        q = _queue(request)
+        try:
+            rec = q.cancel(sweep_id)
+        except KeyError:
+            raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
+        _wake(request)
+        return _view(request, rec)
+
+    app.include_router(router)
+    return app
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.settings import load
+
+    settings = load()
+    p = argparse.ArgumentParser(prog="python -m service.api", description="Run the sweep API (and dispatcher).")
+    p.add_argument("--host", default=settings.api_host, help="bind address (default $SWEEP_API_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=settings.api_port, help="port (default $SWEEP_API_PORT or 8000)")
+    p.add_argument("--no-dispatcher", action="store_true", help="only serve the API; sweeps stay queued")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="dispatcher poll interval, seconds")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+    if not is_loopback(args.host) and not settings.api_token:
+        print(f"service.api: refusing to listen on {args.host}: it is reachable beyond this machine and "
+              f"SWEEP_API_TOKEN is not set (set a token, or bind to 127.0.0.1)", file=sys.stderr)
+        return 2
+    if args.poll_interval <= 0:
+        print("service.api: --poll-interval must be > 0", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = replace(settings, api_host=args.host, api_port=args.port)
+    app = create_app(settings, dispatcher=False if args.no_dispatcher else None, poll_interval=args.poll_interval)
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

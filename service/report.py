@@ -1,0 +1,164 @@
+"""The rule comparison of a sweep, recomputed from MLflow:
+
+    python -m service.report ID [--markdown PATH] [--json] [--outdir DIR] [--service URL]
+                                [--tracking-uri URI]
+
+Looks the sweep up (API when ``--service URL`` or SWEEP_SERVICE_URL is given, else the local queue),
+then runs ``worker.report.compare`` on its MLflow experiment and parent run with the spec's metric,
+mode and swept parameters. Prints the table (one row per rule), writes comparison.md/.csv and the
+plots to ``--outdir`` (default ``$SWEEP_DATA_DIR/reports/<id>/``) and, with ``--markdown PATH``, a
+Markdown file with the table, the plots, the sweep and MLflow ids, the date and the command line
+that made it.
+
+Exit codes: 0 ok, 2 bad input (unknown sweep, bad path), 1 otherwise (e.g. the sweep has no MLflow
+runs yet, MLflow unreachable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from service.client import ServiceError, open_sweeps
+from service.views import SweepView, mlflow_ui_hint
+
+
+class ReportError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def build(view: SweepView, spec_yaml: str, tracking_uri: str | None):
+    """(Comparison, spec, tracking uri) for a sweep."""
+    from worker.spec import SpecError, SweepSpec
+
+    if not view.mlflow_experiment_id or not view.mlflow_parent_run_id:
+        raise ReportError(f"{view.id} is {view.state} and has no MLflow runs yet"
+                          + (" (it never started)" if view.is_terminal else ""))
+    try:
+        spec = SweepSpec.from_yaml(spec_yaml)
+    except SpecError as e:
+        raise ReportError(f"{view.id}: the stored spec no longer validates: {e}") from None
+    uri = tracking_uri or view.mlflow_tracking_uri
+    if not uri:
+        raise ReportError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI", 2)
+    from worker import tracking
+    from worker.report import compare
+
+    try:
+        c = tracking.client(uri)
+        cmp = compare(c, view.mlflow_experiment_id, view.mlflow_parent_run_id, spec.search.metric,
+                      spec.search.mode, list(spec.parameters))
+    except Exception as e:
+        raise ReportError(f"reading the runs from MLflow at {uri} failed: {' '.join(str(e).split())[:400]}") from None
+    return cmp, spec, uri
+
+
+def write_outputs(cmp, outdir: Path) -> list[Path]:
+    from worker.report import plot
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "comparison.md").write_text(cmp.to_markdown())
+    (outdir / "comparison.csv").write_text(cmp.to_csv())
+    return plot(cmp, outdir)
+
+
+def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], md_path: Path,
+                      command: str) -> str:
+    now = datetime.now(timezone.utc)
+    rel = lambda p: os.path.relpath(p, md_path.parent)  # noqa: E731
+    lines = [
+        f"## Sweep results: {spec.name}",
+        "",
+        f"- sweep: `{view.id}` ({view.state}; {view.n_trials} trials; metric `{cmp.metric}`, mode `{cmp.mode}`)",
+        f"- MLflow: experiment `{view.mlflow_experiment_id}`, parent run `{view.mlflow_parent_run_id}` ({uri})",
+        f"- made {now:%Y-%m-%d %H:%M} UTC with `{command}`",
+        "",
+        cmp.to_markdown().rstrip(),
+        "",
+    ]
+    captions = {"learning_curves.png": "Validation curve per rule (mean ± std over seeds)",
+                "angle_bp.png": "Final angle to the backprop update per layer"}
+    for p in plots:
+        lines += [f"![{captions.get(p.name, p.stem)}]({rel(p)})", ""]
+    hint = mlflow_ui_hint(view.model_copy(update={"mlflow_tracking_uri": uri}))
+    if hint:
+        lines += [f"MLflow UI: {hint}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m service.report", description="Compare the rules of a sweep.")
+    p.add_argument("id", help="the sweep id")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table and plot links to this Markdown file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--outdir", metavar="DIR", help="where to write the plots and tables "
+                                                   "(default $SWEEP_DATA_DIR/reports/<id>/)")
+    p.add_argument("--service", metavar="URL", help="the API (default $SWEEP_SERVICE_URL; else the local queue)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: the one the sweep logged to)")
+    args = p.parse_args(argv)
+
+    from service.settings import load
+
+    settings = load()
+    try:
+        with open_sweeps(settings, args.service) as src:
+            view = src.get(args.id)
+            spec_yaml = src.spec(args.id)
+        cmp, spec, uri = build(view, spec_yaml, args.tracking_uri)
+        if not cmp.rows:
+            raise ReportError(f"{view.id}: no trial runs under parent run {view.mlflow_parent_run_id} in {uri}")
+        outdir = Path(args.outdir) if args.outdir else settings.data_dir / "reports" / view.id
+        try:
+            plots = write_outputs(cmp, outdir.resolve())
+        except OSError as e:
+            raise ReportError(f"cannot write to {outdir}: {e.strerror or e}", 2) from None
+        md_path = None
+        if args.markdown:
+            md_path = Path(args.markdown).resolve()
+            command = "python -m service.report " + shlex.join(argv)
+            try:
+                md_path.parent.mkdir(parents=True, exist_ok=True)
+                md_path.write_text(markdown_document(view, spec, cmp, uri, plots, md_path, command))
+            except OSError as e:
+                raise ReportError(f"cannot write {md_path}: {e.strerror or e}", 2) from None
+    except ServiceError as e:
+        print(f"service.report: {e}", file=sys.stderr)
+        return 2 if e.is_bad_input else 1
+    except ReportError as e:
+        print(f"service.report: {e}", file=sys.stderr)
+        return e.code
+
+    if args.json:
+        print(json.dumps({
+            "sweep_id": view.id, "name": view.name, "state": view.state,
+            "tracking_uri": uri, "experiment_id": view.mlflow_experiment_id,
+            "parent_run_id": view.mlflow_parent_run_id, "metric": cmp.metric, "mode": cmp.mode,
+            "rows": cmp.rows, "table_markdown": cmp.to_markdown(),
+            "outdir": str(outdir.resolve()), "plots": [str(x) for x in plots],
+            "markdown": str(md_path) if md_path else None,
+        }, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = Console()
+    console.print(f"[bold]{view.id}[/] {view.name} ({view.state}): {cmp.metric} ({cmp.mode}) per rule, "
+                  f"MLflow experiment {view.mlflow_experiment_id}, parent run {view.mlflow_parent_run_id}")
+    console.print(Markdown(cmp.to_markdown()))
+    console.print(f"tables and plots: {outdir.resolve()}")
+    for x in plots:
+        console.print(f"  {x}")
+    if md_path:
+        console.print(f"markdown: {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""SweepView: what the API returns for a sweep, and what the CLIs print.
+
+Defined once here (Pydantic only, no FastAPI, Ray or MLflow) so the API, the HTTP client and the
+embedded CLIs build and read exactly the same shape. A view is a queue record plus what the Ray Job
+left in the sweep's folder (``result.json`` once the sweep has finished, ``started.json`` for the
+tracking URI the job actually used).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.queue import SweepRecord
+
+SweepStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class SweepView(BaseModel):
+    """One sweep as the API shows it."""
+
+    id: str = Field(description="sweep id, e.g. sw-0123456789ab")
+    name: str = Field(description="the spec's name (the MLflow experiment name)")
+    state: SweepStateName
+    priority: int = Field(description="higher runs first")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = Field(description="how many times the sweep was handed to Ray (resubmissions count)")
+    cancel_requested: bool = False
+    progress: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the job's progress.json: total, done, running, pending, errored, best {rule: value}, "
+        "epochs_reported",
+    )
+    n_trials: int | None = Field(None, description="trials the spec expands to")
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_id: str | None = None
+    mlflow_parent_run_id: str | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = Field(
+        None, description="the job's result.json summary (incl. table_markdown) once the sweep has finished"
+    )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+class SweepList(BaseModel):
+    sweeps: list[SweepView]
+
+
+# ---- building views from queue records ------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def n_trials_of(spec_yaml: str) -> int | None:
+    """Trials a stored spec expands to (cached: a stored spec never changes)."""
+    from worker.spec import SpecError, SweepSpec
+
+    try:
+        return SweepSpec.from_yaml(spec_yaml).n_trials()
+    except SpecError:
+        return None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file the job wrote atomically, or None if absent/unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class ViewBuilder:
+    """Turns queue records into SweepViews; caches what cannot change any more (the result of a
+    finished sweep), so listing many sweeps reads few files."""
+
+    def __init__(self, sweeps_dir: Path, tracking_uri: str | None):
+        self.sweeps_dir = Path(sweeps_dir)
+        self.tracking_uri = tracking_uri
+        self._final: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
+
+    def _files(self, rec: SweepRecord) -> tuple[dict[str, Any] | None, str | None]:
+        """(result, tracking uri the job used)."""
+        cached = self._final.get(rec.id)
+        if cached is not None:
+            return cached
+        folder = self.sweeps_dir / rec.id
+        started = read_json(folder / "started.json") if rec.mlflow_experiment_id else None
+        uri = (started or {}).get("tracking_uri")
+        result = read_json(folder / "result.json") if rec.is_terminal else None
+        if rec.is_terminal:
+            if len(self._final) > 10_000:
+                self._final.clear()
+            self._final[rec.id] = (result, uri)
+        return result, uri
+
+    def view(self, rec: SweepRecord) -> SweepView:
+        result, uri = self._files(rec)
+        return SweepView(
+            id=rec.id,
+            name=rec.name,
+            state=rec.state.value,
+            priority=rec.priority,
+            created_at=rec.created_at,
+            started_at=rec.started_at,
+            finished_at=rec.finished_at,
+            attempts=rec.attempts,
+            cancel_requested=rec.cancel_requested,
+            progress=rec.progress,
+            n_trials=n_trials_of(rec.spec_yaml),
+            mlflow_tracking_uri=uri or self.tracking_uri,
+            mlflow_experiment_id=rec.mlflow_experiment_id,
+            mlflow_parent_run_id=rec.mlflow_parent_run_id,
+            error=rec.error,
+            result=result,
+        )
+
+
+def mlflow_ui_hint(view: SweepView) -> str | None:
+    """Where to look at the sweep in the MLflow UI."""
+    uri, exp, run = view.mlflow_tracking_uri, view.mlflow_experiment_id, view.mlflow_parent_run_id
+    if not uri or not exp:
+        return None
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+        return f"{base}/#/experiments/{exp}" + (f"/runs/{run}" if run else "")
+    return (f"mlflow ui --backend-store-uri {uri}  then open experiment {exp}"
+            + (f", run {run}" if run else ""))
+
+
+__all__ = ["SweepList", "SweepView", "ViewBuilder", "mlflow_ui_hint", "n_trials_of", "read_json"]
