@@ -311,6 +311,55 @@ def create_app(
     return app
 
 
+# ---- serving -------------------------------------------------------------------------------
+
+
+class ServerThread:
+    """The app under uvicorn in a background thread (tests, benchmarks)::
+
+        with ServerThread(app, port=0) as srv:
+            httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import threading
+
+        import uvicorn
+
+        self.host = host
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    lifespan="on", access_log=False))
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.port = port
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        sock = self.server.servers[0].sockets[0]
+        self.port = sock.getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 

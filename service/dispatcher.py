@@ -339,12 +339,32 @@ class Dispatcher:
 
     def _finish(self, rec: SweepRecord, state: SweepState, error: str | None) -> None:
         self._sync_files(rec)
+        self._final_progress(rec)
         try:
             self.queue.mark(rec.id, state, error=error)
             log.info("%s: %s%s", rec.id, state.value, f" ({error.splitlines()[0]})" if error else "")
         except InvalidTransition as e:
             log.info("%s: not marked %s: %s", rec.id, state.value, e)
         self._follow.pop(rec.id, None)
+
+    def _final_progress(self, rec: SweepRecord) -> None:
+        """Progress from the job's result.json (its last progress.json can lag behind: it is
+        throttled and written from Tune callbacks that may not see the last trial end)."""
+        folder = self.settings.sweeps_dir / rec.id
+        result = read_json(folder / "result.json")
+        if not result or not isinstance(result.get("trial_status"), dict):
+            return
+        try:
+            ts = {str(k): int(v) for k, v in result["trial_status"].items()}
+            total = int(result.get("n_trials") or sum(ts.values()))
+        except (TypeError, ValueError):
+            return
+        progress = dict(read_json(folder / "progress.json") or rec.progress or {})
+        unfinished = ts.get("running", 0) + ts.get("pending", 0)
+        progress.update(total=total, done=sum(ts.values()) - unfinished, running=0,
+                        pending=max(0, total - sum(ts.values()) + unfinished),
+                        errored=ts.get("failed", 0), trial_status=ts)
+        self.queue.update(rec.id, progress=progress)
 
     def _requeue(self, rec: SweepRecord, why: str) -> None:
         try:

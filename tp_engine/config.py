@@ -102,7 +102,7 @@ class TrialConfig(BaseModel):
         defaults = RULE_DEFAULTS.get(rule) if isinstance(rule, str) else None
         if not defaults:
             return data
-        return _merge(copy.deepcopy(defaults), data)
+        return merge(copy.deepcopy(defaults), data)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrialConfig":
@@ -155,12 +155,13 @@ RULE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge ``over`` into ``base`` (in place) and return it."""
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = _merge(base[k], v)
+            base[k] = merge(base[k], v)
         elif isinstance(v, BaseModel) and isinstance(base.get(k), dict):
-            base[k] = _merge(base[k], v.model_dump(exclude_unset=True))
+            base[k] = merge(base[k], v.model_dump(exclude_unset=True))
         else:
             base[k] = v
     return base

@@ -67,7 +67,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tp_engine.config import TrialConfig, field_paths, set_path
+from tp_engine.config import TrialConfig, field_paths, merge, set_path
 
 MAX_SPEC_BYTES = 1 << 20  # 1 MiB
 MAX_TRIALS = 100_000
@@ -495,6 +495,9 @@ class SweepSpec(BaseModel):
     name: str = Field(description="the MLflow experiment name")
     description: str | None = Field(None, max_length=100_000)
     base: dict[str, Any] = Field(default_factory=dict)
+    # Per-rule settings on top of base (parameters still win): compare rules each with its own
+    # recipe, e.g. Lee et al.'s bp learning rate beside their dtp one.
+    rule_overrides: dict[Literal["bp", "lstp", "rlstp", "dtp"], dict[str, Any]] = Field(default_factory=dict)
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     search: SearchConfig = Field(default_factory=SearchConfig)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
@@ -524,6 +527,23 @@ class SweepSpec(BaseModel):
             TrialConfig.model_validate(v)
         except ValidationError as e:
             raise SpecError(_field_errors(e, TrialConfig)) from None
+        return v
+
+    @field_validator("rule_overrides")
+    @classmethod
+    def _rule_overrides(cls, v: dict[str, dict[str, Any]], info) -> dict[str, dict[str, Any]]:
+        errors: list[FieldError] = []
+        base = info.data.get("base") or {}
+        for rule, over in v.items():
+            if "seed" in over or "rule" in over:
+                errors.append(FieldError(rule, "rule_overrides may not set seed or rule"))
+                continue
+            try:
+                TrialConfig.model_validate(merge(merge(copy.deepcopy(base), copy.deepcopy(over)), {"rule": rule}))
+            except ValidationError as e:
+                errors.extend(FieldError(_join(rule, fe.path), fe.reason) for fe in _field_errors(e, TrialConfig))
+        if errors:
+            raise SpecError(errors)
         return v
 
     @field_validator("parameters")
@@ -650,9 +670,14 @@ class SweepSpec(BaseModel):
         return self.search.seed_list
 
     def trial_config(self, overrides: dict[str, Any] | None = None) -> TrialConfig:
-        """``base`` + dotted-path ``overrides`` (e.g. Tune's config dict, with ``seed``)."""
+        """``base`` + ``rule_overrides`` of the trial's rule + dotted-path ``overrides`` (e.g.
+        Tune's config dict, with ``seed``)."""
         data = copy.deepcopy(self.base)
-        for path, value in (overrides or {}).items():
+        overrides = overrides or {}
+        rule = _plain(overrides.get("rule", data.get("rule", "dtp")))
+        if rule in self.rule_overrides:
+            data = merge(data, copy.deepcopy(self.rule_overrides[rule]))
+        for path, value in overrides.items():
             set_path(data, path, _plain(value))
         try:
             return TrialConfig.model_validate(data)

@@ -1,0 +1,545 @@
+"""The sweep worker end to end: real local Ray (2 CPUs) running real trials, logging to a real
+MLflow (a SQLite store per test, and once a real ``mlflow server`` over HTTP with proxied
+artifacts).
+
+Covered: one child run per trial with per-epoch histories, tags, params and a loadable model; the
+comparison left on the parent run; a trial that fails once and resumes from its checkpoint; a
+sweep driver killed mid-way and resumed with the same sweep id; a diverging trial; ASHA early
+stopping. All trials are tiny (2-D synthetic sets, a few epochs), so the time goes into Ray and
+MLflow themselves; one Ray instance is shared by the whole module.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the editable install may not map the packages yet
+    sys.path.insert(0, str(ROOT))
+
+from worker import tracking  # noqa: E402
+from worker.spec import SweepSpec  # noqa: E402
+from worker.sweep import run_sweep  # noqa: E402
+from worker.trainable import FAIL_ONCE_ENV  # noqa: E402
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+FINAL_STATUSES = {"completed", "early_stopped", "diverged", "failed"}
+PARENT_ARTIFACTS = {
+    "spec.yaml",
+    "comparison/comparison.md",
+    "comparison/comparison.csv",
+    "comparison/learning_curves.png",
+    "comparison/angle_bp.png",
+}
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fail_marker(tmp_path_factory) -> Path:
+    """The TP_FAIL_ONCE_MARKER path every Ray worker of this module sees. While the file exists the
+    hook is disarmed (a trial fails only when the marker is missing); a test arms it by deleting
+    it."""
+    path = tmp_path_factory.mktemp("marker") / "fail_once"
+    path.write_text("disarmed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_proc(tmp_path_factory):
+    """Start ``mlflow server`` early (it needs 15-50 s to answer on this machine) so it boots while
+    the other tests run; ``mlflow_server`` waits for it."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        exe = ROOT / ".venv" / "bin" / "mlflow"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/server.db",
+         "--serve-artifacts", "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=d,
+        start_new_session=True,
+    )
+    info = {"proc": proc, "url": f"http://127.0.0.1:{port}", "log": d / "server.log"}
+    yield info
+    _kill_group(proc, signal.SIGTERM, grace=15)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_server_proc) -> str:
+    proc, url = mlflow_server_proc["proc"], mlflow_server_proc["url"]
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{_tail(mlflow_server_proc['log'])}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"mlflow server did not answer /health in 180 s:\n{_tail(mlflow_server_proc['log'])}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local(request, fail_marker):
+    """One local Ray for the whole module. TP_FAIL_ONCE_MARKER is set before ray.init so every
+    worker process inherits it (and it is passed as a runtime_env var as well)."""
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("mlflow_server_proc")  # boot it now, in the background
+    saved = {k: os.environ.get(k) for k in (FAIL_ONCE_ENV, "RAY_USAGE_STATS_ENABLED",
+                                             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")}
+    os.environ[FAIL_ONCE_ENV] = str(fail_marker)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {FAIL_ONCE_ENV: str(fail_marker), "PYTHONWARNINGS": "ignore"}})
+    yield
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cwd(tmp_path, monkeypatch):
+    """Keep anything a sweep writes relative to the working directory out of the repository."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path / "sweep_data"))
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def _kill_group(proc: subprocess.Popen, sig: int, grace: float = 10) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def make_spec(text: str) -> SweepSpec:
+    return SweepSpec.from_yaml(textwrap.dedent(text))
+
+
+def sqlite_store(tmp_path: Path, spec: SweepSpec) -> str:
+    """A SQLite tracking URI in tmp_path, with the spec's experiment made beforehand so its
+    artifacts also land in tmp_path (not in ./mlruns)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    MlflowClient(uri).create_experiment(spec.name, artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri
+
+
+def children(c: MlflowClient, exp_id: str, parent_id: str):
+    return c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                         max_results=1000)
+
+
+def history(c: MlflowClient, run_id: str, key: str = "valid_accuracy"):
+    return sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+def steps(c: MlflowClient, run_id: str, key: str = "valid_accuracy") -> list[int]:
+    return [m.step for m in history(c, run_id, key)]
+
+
+def logged_models(exp_id: str, run_id: str):
+    return mlflow.search_logged_models(experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'",
+                                       output_format="list")
+
+
+def trial_results(storage: Path, sweep_id: str) -> dict[str, list[dict]]:
+    """Tune's own per-trial result log (result.json, one JSON object per reported epoch)."""
+    out: dict[str, list[dict]] = {}
+    for f in (storage / sweep_id).glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 1.0, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def check_child(c: MlflowClient, spec: SweepSpec, result, run, epochs: int, status: str = "completed") -> None:
+    """A trial's child run: tags, params (the flattened trial config), one point per epoch."""
+    t, p = run.data.tags, run.data.params
+    assert t["mlflow.parentRunId"] == result.parent_run_id
+    assert t[tracking.TAG_SWEEP] == result.sweep_id
+    assert t[tracking.TAG_KIND] == "trial"
+    assert t[tracking.TAG_TRIAL]
+    assert t[tracking.TAG_STATUS] == status, (t[tracking.TAG_STATUS], run.info.run_id)
+    assert run.info.status == "FINISHED"
+    swept = {k: json.loads(p[k]) if k == "hidden" else p[k] for k in spec.parameters}
+    overrides = {k: _param_value(p[k]) for k in spec.parameters}
+    cfg = spec.trial_config({**overrides, "seed": int(t["seed"])})
+    assert t["rule"] == cfg.rule and t["backend"] == cfg.backend == "numpy"
+    assert t["seed"] == str(cfg.seed) and t["dataset"] == cfg.dataset
+    assert t["config_hash"] == cfg.config_hash(), swept
+    assert p == {k: str(v) for k, v in cfg.flat().items()}
+    if status == "completed":
+        for key in ("valid_accuracy", "train_loss", "seconds_per_epoch", "angle_bp/1"):
+            assert steps(c, run.info.run_id, key) == list(range(1, epochs + 1)), key
+        m = run.data.metrics
+        assert m["final/epochs"] == epochs
+        assert 0.0 <= m["final/best_valid_accuracy"] <= 1.0
+
+
+def _param_value(raw: str):
+    """An MLflow param string back to the value the spec swept."""
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def check_model(exp_id: str, run_id: str, x: np.ndarray) -> None:
+    models = logged_models(exp_id, run_id)
+    assert len(models) == 1, [m.model_id for m in models]
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    pred = np.asarray(model.predict(x))
+    assert pred.shape == (len(x),)
+    assert set(np.unique(pred)) <= {0, 1}
+    same = np.asarray(mlflow.pyfunc.load_model(models[0].model_uri).predict(x))
+    np.testing.assert_array_equal(pred, same)
+
+
+def check_parent(c: MlflowClient, spec: SweepSpec, result, tmp_path: Path) -> None:
+    parent = c.get_run(result.parent_run_id)
+    assert parent.data.tags[tracking.TAG_KIND] == "sweep"
+    assert parent.data.tags["sweep_state"] == result.state
+    assert parent.info.status == ("FINISHED" if result.state == "succeeded" else parent.info.status)
+    listed = {a.path for a in c.list_artifacts(result.parent_run_id)}
+    listed |= {a.path for a in c.list_artifacts(result.parent_run_id, "comparison")}
+    assert PARENT_ARTIFACTS <= listed, listed
+    dl = Path(c.download_artifacts(result.parent_run_id, "", str(tmp_path / "parent_dl")))
+    assert SweepSpec.from_yaml((dl / "spec.yaml").read_text()) == spec
+    md = (dl / "comparison" / "comparison.md").read_text()
+    csv_text = (dl / "comparison" / "comparison.csv").read_text()
+    rules = sorted({r["rule"] for r in result.table})
+    for rule in rules:
+        assert f"`{rule}`" in md
+        assert f"\n{rule}," in csv_text
+    for name in ("learning_curves.png", "angle_bp.png"):
+        assert (dl / "comparison" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for k, v in result.trial_status.items():
+        assert parent.data.metrics[f"trials/{k}"] == v
+
+
+def statuses_of(runs) -> collections.Counter:
+    return collections.Counter(r.data.tags.get(tracking.TAG_STATUS) for r in runs)
+
+
+# ---- 1. the smoke sweep -----------------------------------------------------------------------
+
+SMOKE = """
+name: tp-test-smoke
+description: two rules x two seeds on xor
+base: {dataset: xor, hidden: [8], epochs: 3, batch_size: 50, subset: 600, diag_size: 100}
+parameters:
+  rule: {distribution: values, values: [bp, dtp]}
+search: {method: grid, seeds: [0, 1], max_concurrent_trials: 2}
+"""
+
+
+def _smoke(uri: str, tmp_path: Path) -> None:
+    spec = make_spec(SMOKE)
+    mlflow.set_tracking_uri(uri)
+    seen = []
+    result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2,
+                       on_progress=lambda p: seen.append(p.as_dict()))
+    assert result.state == "succeeded", result
+    assert result.trial_status == {"completed": 4}
+    assert result.n_trials == 4
+    assert seen and seen[-1]["done"] == 4 and seen[-1]["errored"] == 0
+
+    c = MlflowClient(uri)
+    runs = children(c, result.experiment_id, result.parent_run_id)
+    assert len(runs) == 4, [r.data.tags.get("trial_id") for r in runs]
+    assert len({r.data.tags["trial_id"] for r in runs}) == 4
+    assert sorted((r.data.tags["rule"], r.data.tags["seed"]) for r in runs) == [
+        ("bp", "0"), ("bp", "1"), ("dtp", "0"), ("dtp", "1")]
+    for run in runs:
+        check_child(c, spec, result, run, epochs=3)
+    from tp_engine.data import load_dataset
+
+    x = load_dataset("xor", seed=0, subset=600).x_test[:17]
+    loaded_rules = set()
+    for run in runs:
+        if run.data.tags["rule"] not in loaded_rules:  # loading costs a few seconds each
+            loaded_rules.add(run.data.tags["rule"])
+            check_model(result.experiment_id, run.info.run_id, x)
+        else:
+            assert len(logged_models(result.experiment_id, run.info.run_id)) == 1
+    check_parent(c, spec, result, tmp_path)
+    rows = {r["rule"]: r for r in result.table}
+    assert set(rows) == {"bp", "dtp"}
+    for r in rows.values():
+        assert r["trials"] == 2 and r["seeds"] == 2 and r["statuses"] == "completed:2"
+        assert r["epochs"] == 3
+
+
+def test_smoke_sweep_sqlite(tmp_path):
+    spec = make_spec(SMOKE)
+    _smoke(sqlite_store(tmp_path, spec), tmp_path)
+
+
+# ---- 2. a trial that fails once resumes from its checkpoint -----------------------------------
+
+
+def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, fail_marker):
+    spec = make_spec("""
+        name: tp-test-fail-once
+        base: {dataset: xor, hidden: [8], epochs: 4, batch_size: 50, subset: 600, diag_size: 100}
+        parameters:
+          rule: {distribution: values, values: [dtp]}
+        search: {method: grid, seeds: [0]}
+        failure: {max_failures: 2}
+    """)
+    uri = sqlite_store(tmp_path, spec)
+    fail_marker.unlink()  # arm: the first trial to reach epoch 2 raises once
+    try:
+        result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2)
+    finally:
+        failed_trial = fail_marker.read_text() if fail_marker.exists() else None
+        fail_marker.write_text("disarmed")
+    assert failed_trial, "the injected failure never happened"
+    assert result.state == "succeeded"
+    assert result.trial_status == {"completed": 1}
+
+    c = MlflowClient(uri)
+    runs = children(c, result.experiment_id, result.parent_run_id)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["trial_id"] == failed_trial
+    check_child(c, spec, result, run, epochs=4)  # epochs 1..4, each exactly once
+    assert len(logged_models(result.experiment_id, run.info.run_id)) == 1
+
+    # It resumed at epoch 2 instead of starting over: Tune saw epochs 1, 2, 3, 4 once each, and the
+    # restart (a new worker process) sits between epoch 1 and epoch 2 in the MLflow history.
+    tune_rows = trial_results(tmp_path / "tune", result.sweep_id)[failed_trial]
+    assert [int(r["epoch"]) for r in tune_rows if "epoch" in r] == [1, 2, 3, 4]
+    ts = [m.timestamp for m in history(c, run.info.run_id)]
+    gaps = np.diff(ts)
+    assert gaps[0] == max(gaps), ts
+    assert run.data.metrics["final/epochs"] == 4  # the summary includes the checkpointed epoch 1
+
+
+# ---- 3. the sweep driver is killed, and the sweep is resumed ----------------------------------
+
+KILL_SPEC = """
+name: tp-test-resume
+base: {dataset: xor, hidden: [8], epochs: 4, batch_size: 50, subset: 600, diag_size: 100}
+parameters:
+  rule: {distribution: values, values: [bp, dtp]}
+search: {method: grid, seeds: [0, 1], max_concurrent_trials: 2}
+"""
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+from worker.spec import SweepSpec
+from worker.sweep import run_sweep
+spec = SweepSpec.from_yaml(open({spec!r}).read())
+run_sweep(spec, {uri!r}, {storage!r}, sweep_id={sweep_id!r}, num_cpus=2)
+"""
+
+
+def test_killed_sweep_resumes_only_missing_trials(tmp_path):
+    spec = make_spec(KILL_SPEC)
+    uri = sqlite_store(tmp_path, spec)
+    storage = tmp_path / "tune"
+    sweep_id = "sw-killtest01"
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    (tmp_path / "driver.py").write_text(DRIVER.format(root=str(ROOT), spec=str(tmp_path / "spec.yaml"),
+                                                      uri=uri, storage=str(storage), sweep_id=sweep_id))
+    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS")}
+    log = open(tmp_path / "driver.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    c = MlflowClient(uri)
+    flt = f"tags.sweep_id = '{sweep_id}' and tags.`tp.kind` = 'trial' and tags.status = 'completed'"
+    try:
+        exp_id = c.get_experiment_by_name(spec.name).experiment_id
+        wait_for(lambda: c.search_runs([exp_id], filter_string=flt), 300,
+                 "a trial to complete in the first driver", proc=proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies without any cleanup
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc, signal.SIGKILL, grace=5)  # and so does its local Ray
+        log.close()
+
+    done_before = {r.info.run_id: r for r in c.search_runs([exp_id], filter_string=flt)}
+    assert done_before
+    before = {rid: ([(m.step, m.timestamp, m.value) for m in history(c, rid)], r.info.end_time,
+                    r.data.metrics["final/epochs"]) for rid, r in done_before.items()}
+
+    seen = []
+    result = run_sweep(spec, uri, str(storage), sweep_id=sweep_id, num_cpus=2,
+                       on_progress=lambda p: seen.append(p.as_dict()))
+    assert result.state == "succeeded", (result.trial_status, _tail(tmp_path / "driver.log"))
+    assert result.trial_status == {"completed": 4}
+    runs = children(c, result.experiment_id, result.parent_run_id)
+    assert len(runs) == 4, [r.data.tags["trial_id"] for r in runs]
+    assert len({r.data.tags["trial_id"] for r in runs}) == 4
+    for run in runs:
+        check_child(c, spec, result, run, epochs=4)
+        assert len(logged_models(result.experiment_id, run.info.run_id)) == 1, run.data.tags["trial_id"]
+    by_id = {r.info.run_id: r for r in runs}
+    for rid, (hist, end_time, n_epochs) in before.items():
+        # not run again: the same epochs at the same times, and the run was not reopened
+        assert [(m.step, m.timestamp, m.value) for m in history(c, rid)] == hist
+        assert by_id[rid].info.end_time == end_time, by_id[rid].data.tags["trial_id"]
+        assert by_id[rid].data.metrics["final/epochs"] == n_epochs
+    assert len([r for r in c.search_runs([exp_id]) if r.data.tags.get("tp.kind") == "sweep"]) == 1
+    check_parent(c, spec, result, tmp_path)
+    # The resumed run's progress display was fed too.
+    assert seen and seen[-1]["done"] == 4
+
+
+# ---- 4. a diverging trial ---------------------------------------------------------------------
+
+
+def test_diverging_trial_is_marked_diverged(tmp_path):
+    spec = make_spec("""
+        name: tp-test-diverge
+        base:
+          dataset: xor
+          subset: 1000
+          rule: dtp
+          activation: linear
+          hidden: [16, 16]
+          alpha: 100
+          optimizer: {name: sgd, momentum: 0}
+          epochs: 3
+          batch_size: 50
+          diag_size: 100
+        parameters:
+          optimizer.lr: {distribution: values, values: [0.001, 10]}
+        search: {method: grid, seeds: [0], max_concurrent_trials: 2}
+    """)
+    uri = sqlite_store(tmp_path, spec)
+    result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2)
+    assert result.state == "succeeded"
+    assert result.trial_status == {"completed": 1, "diverged": 1}
+    c = MlflowClient(uri)
+    runs = {r.data.params["optimizer.lr"]: r for r in children(c, result.experiment_id, result.parent_run_id)}
+    assert set(runs) == {"0.001", "10.0"}
+    check_child(c, spec, result, runs["0.001"], epochs=3, status="completed")
+    check_child(c, spec, result, runs["10.0"], epochs=3, status="diverged")
+    bad = runs["10.0"].info.run_id
+    s = steps(c, bad)
+    assert len(s) < 3 and s == list(range(1, len(s) + 1))
+    assert result.table[0]["statuses"] == "completed:1 diverged:1"
+    check_parent(c, spec, result, tmp_path)
+
+
+# ---- 5. ASHA early stopping -------------------------------------------------------------------
+
+
+def test_asha_early_stopping(tmp_path):
+    spec = make_spec("""
+        name: tp-test-asha
+        base: {dataset: spiral, rule: dtp, hidden: [16], epochs: 4, batch_size: 50, subset: 600, diag_size: 100}
+        parameters:
+          optimizer.lr: {distribution: values, values: [0.00001, 0.0001, 0.003, 0.03]}
+        search: {method: grid, seeds: [0], max_concurrent_trials: 2}
+        early_stop: {enabled: true, grace_period: 1, reduction_factor: 2}
+    """)
+    uri = sqlite_store(tmp_path, spec)
+    result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2)
+    assert result.state == "succeeded"
+    assert set(result.trial_status) <= {"completed", "early_stopped"}, result.trial_status
+    assert sum(result.trial_status.values()) == 4
+    c = MlflowClient(uri)
+    runs = children(c, result.experiment_id, result.parent_run_id)
+    assert len(runs) == 4
+    assert statuses_of(runs) == collections.Counter(result.trial_status)
+    for run in runs:
+        status = run.data.tags[tracking.TAG_STATUS]
+        check_child(c, spec, result, run, epochs=4, status=status)
+        if status == "completed":
+            assert len(logged_models(result.experiment_id, run.info.run_id)) == 1
+        else:
+            s = steps(c, run.info.run_id)
+            assert 1 <= len(s) < 4 and s == list(range(1, len(s) + 1))
+    counted = collections.Counter()
+    for row in result.table:
+        for part in row["statuses"].split():
+            k, v = part.split(":")
+            counted[k] += int(v)
+    assert counted == collections.Counter(result.trial_status)
+    check_parent(c, spec, result, tmp_path)
+
+
+# ---- 1b. the smoke sweep against a real MLflow server over HTTP (last: it boots meanwhile) -----
+
+
+def test_smoke_sweep_mlflow_server(tmp_path, mlflow_server):
+    _smoke(mlflow_server, tmp_path)
