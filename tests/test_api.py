@@ -417,8 +417,14 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 180) -> subpr
                           timeout=timeout)
 
 
-def test_real_process_client_and_clis(tmp_path):
-    """`python -m service.api` with a token, driven by SweepClient and the status/cancel CLIs."""
+def test_real_process_client_and_clis(tmp_path, monkeypatch, capsys):
+    """`python -m service.api` with a token, driven by SweepClient and the status/cancel/report CLIs
+    (two CLI runs as real processes for their exit codes; the rest in-process via main(), because
+    each new process pays for importing MLflow in settings.load())."""
+    from service import cancel as cancel_cli
+    from service import report as report_cli
+    from service import status as status_cli
+
     token = uuid.uuid4().hex
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -434,6 +440,7 @@ def test_real_process_client_and_clis(tmp_path):
             v2 = c.submit(yaml.safe_load(SMOKE), priority=20)
             assert v1.state == "queued" and v2.priority == 20 and v2.n_trials == 8
             assert [v.id for v in c.list(state="queued")] == [v2.id, v1.id]
+            assert c.spec(v1.id) == SMOKE
             with pytest.raises(ServiceError) as e:
                 c.submit("name: t\nsearch: {mode: up}\n")
             assert e.value.status == 422 and e.value.is_bad_input
@@ -449,28 +456,52 @@ def test_real_process_client_and_clis(tmp_path):
         r = run_cli(["service.status", "--json"], cli_env)
         assert r.returncode == 0, r.stderr
         assert [s["id"] for s in json.loads(r.stdout)["sweeps"]] == [v2.id, v1.id]
-        r = run_cli(["service.status", v1.id, "--json"], cli_env)
-        assert r.returncode == 0 and json.loads(r.stdout)["id"] == v1.id
-        r = run_cli(["service.status"], {**cli_env, "COLUMNS": "200"})
-        assert r.returncode == 0 and v1.id in r.stdout and "tp-smoke-spiral" in r.stdout
-        r = run_cli(["service.cancel", v1.id, "--json"], cli_env)
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["state"] == "cancelled"
         r = run_cli(["service.cancel", "sw-nope"], cli_env)
         assert r.returncode == 2 and "sw-nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        r = run_cli(["service.status", "--service", url], {**env, "SWEEP_API_TOKEN": "wrong"})
-        assert r.returncode == 1 and "401" in r.stderr
+
+        for k in [k for k in os.environ if k.startswith(("SWEEP_", "MLFLOW_", "RAY_"))]:
+            monkeypatch.delenv(k)
+        for k, v in cli_env.items():
+            if k.startswith(("SWEEP_", "MLFLOW_")):
+                monkeypatch.setenv(k, v)
+        monkeypatch.setenv("COLUMNS", "200")
+
+        def cli(mod, *args):
+            capsys.readouterr()
+            code = mod.main(list(args))
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, _ = cli(status_cli, v1.id, "--json")
+        assert code == 0 and json.loads(out)["id"] == v1.id
+        code, out, _ = cli(status_cli)
+        assert code == 0 and v1.id in out and "tp-smoke-spiral" in out and "queued" in out
+        code, out, _ = cli(status_cli, v1.id)
+        assert code == 0 and "priority" in out and "8" in out
+        code, out, _ = cli(cancel_cli, v1.id, "--json")
+        assert code == 0 and json.loads(out)["state"] == "cancelled"
+        code, out, _ = cli(cancel_cli, v1.id)
+        assert code == 0 and "cancelled" in out
+        monkeypatch.setenv("SWEEP_API_TOKEN", "wrong")
+        code, _, err = cli(status_cli)
+        assert code == 1 and "401" in err
+        monkeypatch.setenv("SWEEP_API_TOKEN", token)
 
         # Embedded mode: no service URL, the same queue database read directly.
-        r = run_cli(["service.status", v1.id, "--json"], env)
-        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "cancelled"
-        r = run_cli(["service.report", v2.id], env)
-        assert r.returncode == 1 and "no MLflow runs yet" in r.stderr
+        monkeypatch.delenv("SWEEP_SERVICE_URL")
+        code, out, _ = cli(status_cli, v1.id, "--json")
+        assert code == 0 and json.loads(out)["state"] == "cancelled"
+        code, _, err = cli(status_cli, "sw-nope")
+        assert code == 2 and "sw-nope" in err
+        code, _, err = cli(report_cli, v2.id)
+        assert code == 1 and "no MLflow runs yet" in err
+        code, out, _ = cli(cancel_cli, v2.id)
+        assert code == 0 and "cancelled" in out
     finally:
         proc.terminate()
         proc.wait(30)
-    r = run_cli(["service.status", "--service", url], env)
-    assert r.returncode == 1 and "cannot reach" in r.stderr
+    code, _, err = cli(status_cli, "--service", url)
+    assert code == 1 and "cannot reach" in err
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------

@@ -197,9 +197,12 @@ def steps(c: MlflowClient, run_id: str, key: str = "valid_accuracy") -> list[int
     return [m.step for m in history(c, run_id, key)]
 
 
-def logged_models(exp_id: str, run_id: str):
-    return mlflow.search_logged_models(experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'",
-                                       output_format="list")
+def logged_models(exp_id: str, run_id: str, status: str | None = "READY"):
+    """The run's logged models (by default only the finished ones: a trial killed while logging
+    its model leaves a PENDING one behind)."""
+    flt = f"source_run_id = '{run_id}'"
+    models = mlflow.search_logged_models(experiment_ids=[exp_id], filter_string=flt, output_format="list")
+    return [m for m in models if status is None or str(getattr(m.status, "name", m.status)) == status]
 
 
 def trial_results(storage: Path, sweep_id: str) -> dict[str, list[dict]]:
@@ -259,7 +262,7 @@ def _param_value(raw: str):
 
 
 def check_model(exp_id: str, run_id: str, x: np.ndarray) -> None:
-    models = logged_models(exp_id, run_id)
+    models = logged_models(exp_id, run_id, status=None)
     assert len(models) == 1, [m.model_id for m in models]
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     pred = np.asarray(model.predict(x))
@@ -299,31 +302,36 @@ def statuses_of(runs) -> collections.Counter:
 
 SMOKE = """
 name: tp-test-smoke
-description: two rules x two seeds on xor
-base: {dataset: xor, hidden: [8], epochs: 3, batch_size: 50, subset: 600, diag_size: 100}
+description: two rules x {n} seed(s) on xor
+base: {{dataset: xor, hidden: [8], epochs: 3, batch_size: 50, subset: 600, diag_size: 100}}
 parameters:
-  rule: {distribution: values, values: [bp, dtp]}
-search: {method: grid, seeds: [0, 1], max_concurrent_trials: 2}
+  rule: {{distribution: values, values: [bp, dtp]}}
+search: {{method: grid, seeds: {seeds}, max_concurrent_trials: 2}}
 """
 
 
-def _smoke(uri: str, tmp_path: Path) -> None:
-    spec = make_spec(SMOKE)
+def smoke_spec(seeds: list[int]) -> SweepSpec:
+    return make_spec(SMOKE.format(n=len(seeds), seeds=seeds))
+
+
+def _smoke(uri: str, tmp_path: Path, seeds: list[int]) -> None:
+    spec = smoke_spec(seeds)
+    n = 2 * len(seeds)
     mlflow.set_tracking_uri(uri)
     seen = []
     result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2,
                        on_progress=lambda p: seen.append(p.as_dict()))
     assert result.state == "succeeded", result
-    assert result.trial_status == {"completed": 4}
-    assert result.n_trials == 4
-    assert seen and seen[-1]["done"] == 4 and seen[-1]["errored"] == 0
+    assert result.trial_status == {"completed": n}
+    assert result.n_trials == n
+    assert seen and seen[-1]["done"] == n and seen[-1]["errored"] == 0
 
     c = MlflowClient(uri)
     runs = children(c, result.experiment_id, result.parent_run_id)
-    assert len(runs) == 4, [r.data.tags.get("trial_id") for r in runs]
-    assert len({r.data.tags["trial_id"] for r in runs}) == 4
-    assert sorted((r.data.tags["rule"], r.data.tags["seed"]) for r in runs) == [
-        ("bp", "0"), ("bp", "1"), ("dtp", "0"), ("dtp", "1")]
+    assert len(runs) == n, [r.data.tags.get("trial_id") for r in runs]
+    assert len({r.data.tags["trial_id"] for r in runs}) == n
+    assert sorted((r.data.tags["rule"], r.data.tags["seed"]) for r in runs) == sorted(
+        (rule, str(seed)) for rule in ("bp", "dtp") for seed in seeds)
     for run in runs:
         check_child(c, spec, result, run, epochs=3)
     from tp_engine.data import load_dataset
@@ -335,18 +343,17 @@ def _smoke(uri: str, tmp_path: Path) -> None:
             loaded_rules.add(run.data.tags["rule"])
             check_model(result.experiment_id, run.info.run_id, x)
         else:
-            assert len(logged_models(result.experiment_id, run.info.run_id)) == 1
+            assert len(logged_models(result.experiment_id, run.info.run_id, status=None)) == 1
     check_parent(c, spec, result, tmp_path)
     rows = {r["rule"]: r for r in result.table}
     assert set(rows) == {"bp", "dtp"}
     for r in rows.values():
-        assert r["trials"] == 2 and r["seeds"] == 2 and r["statuses"] == "completed:2"
+        assert r["trials"] == r["seeds"] == len(seeds) and r["statuses"] == f"completed:{len(seeds)}"
         assert r["epochs"] == 3
 
 
 def test_smoke_sweep_sqlite(tmp_path):
-    spec = make_spec(SMOKE)
-    _smoke(sqlite_store(tmp_path, spec), tmp_path)
+    _smoke(sqlite_store(tmp_path, smoke_spec([0, 1])), tmp_path, [0, 1])
 
 
 # ---- 2. a trial that fails once resumes from its checkpoint -----------------------------------
@@ -378,7 +385,7 @@ def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, fail_marker):
     run = runs[0]
     assert run.data.tags["trial_id"] == failed_trial
     check_child(c, spec, result, run, epochs=4)  # epochs 1..4, each exactly once
-    assert len(logged_models(result.experiment_id, run.info.run_id)) == 1
+    assert len(logged_models(result.experiment_id, run.info.run_id, status=None)) == 1
 
     # It resumed at epoch 2 instead of starting over: Tune saw epochs 1, 2, 3, 4 once each, and the
     # restart (a new worker process) sits between epoch 1 and epoch 2 in the MLflow history.
@@ -457,6 +464,7 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path):
         assert [(m.step, m.timestamp, m.value) for m in history(c, rid)] == hist
         assert by_id[rid].info.end_time == end_time, by_id[rid].data.tags["trial_id"]
         assert by_id[rid].data.metrics["final/epochs"] == n_epochs
+        assert len(logged_models(result.experiment_id, rid, status=None)) == 1
     assert len([r for r in c.search_runs([exp_id]) if r.data.tags.get("tp.kind") == "sweep"]) == 1
     check_parent(c, spec, result, tmp_path)
     # The resumed run's progress display was fed too.
@@ -508,7 +516,8 @@ def test_asha_early_stopping(tmp_path):
         name: tp-test-asha
         base: {dataset: spiral, rule: dtp, hidden: [16], epochs: 4, batch_size: 50, subset: 600, diag_size: 100}
         parameters:
-          optimizer.lr: {distribution: values, values: [0.00001, 0.0001, 0.003, 0.03]}
+          # good rates first, so the poor ones meet a populated rung and are cut there
+          optimizer.lr: {distribution: values, values: [0.03, 0.003, 0.000001, 0.0001]}
         search: {method: grid, seeds: [0], max_concurrent_trials: 2}
         early_stop: {enabled: true, grace_period: 1, reduction_factor: 2}
     """)
@@ -525,7 +534,7 @@ def test_asha_early_stopping(tmp_path):
         status = run.data.tags[tracking.TAG_STATUS]
         check_child(c, spec, result, run, epochs=4, status=status)
         if status == "completed":
-            assert len(logged_models(result.experiment_id, run.info.run_id)) == 1
+            assert len(logged_models(result.experiment_id, run.info.run_id, status=None)) == 1
         else:
             s = steps(c, run.info.run_id)
             assert 1 <= len(s) < 4 and s == list(range(1, len(s) + 1))
@@ -542,4 +551,4 @@ def test_asha_early_stopping(tmp_path):
 
 
 def test_smoke_sweep_mlflow_server(tmp_path, mlflow_server):
-    _smoke(mlflow_server, tmp_path)
+    _smoke(mlflow_server, tmp_path, [0])  # one seed: the sqlite run covers the seeds

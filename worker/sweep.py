@@ -85,7 +85,9 @@ def _init_ray(num_cpus: int | None = None) -> None:
 
 # Tune pickles its run config (callbacks included); listeners such as a live display cannot be
 # pickled, so the callback (a module-level class, pickled by reference) refers to them by key.
-_LISTENERS: dict[str, Callable[[Progress], None]] = {}
+# The key is the sweep id: a resumed sweep runs with the callback pickled by its first run, which
+# must find the progress and listener of the run_sweep call now running.
+_LISTENERS: dict[str, tuple[Progress, Callable[[Progress], None] | None]] = {}
 
 
 def _tune_callback_base():
@@ -96,18 +98,25 @@ def _tune_callback_base():
 
 class _ProgressCallback(_tune_callback_base()):
     def __init__(self, progress: Progress, metric: str, mode: str, key: str):
-        self.progress, self.metric, self.mode, self.key = progress, metric, mode, key
+        self._progress, self.metric, self.mode, self.key = progress, metric, mode, key
+
+    @property
+    def progress(self) -> Progress:
+        entry = _LISTENERS.get(self.key)
+        return entry[0] if entry else self._progress
 
     def _update(self, trials):
         p = self.progress
         counts = {s: 0 for s in TRIAL_STATES}
         for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + 1
+            # Tune calls on_trial_complete before it marks the trial TERMINATED.
+            status = "TERMINATED" if t.trial_id in p.completed_ids and t.status != "ERROR" else t.status
+            counts[status] = counts.get(status, 0) + 1
         p.done = counts["TERMINATED"] + counts["ERROR"]
         p.errored = counts["ERROR"]
         p.running = counts["RUNNING"]
         p.pending = max(p.total - p.done - p.running, counts["PENDING"])
-        listener = _LISTENERS.get(self.key)
+        listener = _LISTENERS.get(self.key, (None, None))[1]
         if listener is not None:
             listener(p)
 
@@ -132,10 +141,8 @@ class _ProgressCallback(_tune_callback_base()):
         self._update(trials)
 
 
-def _progress_callback(progress: Progress, metric: str, mode: str, on_progress):
-    key = secrets.token_hex(4)
-    if on_progress is not None:
-        _LISTENERS[key] = on_progress
+def _progress_callback(progress: Progress, metric: str, mode: str, on_progress, key: str):
+    _LISTENERS[key] = (progress, on_progress)
     return _ProgressCallback(progress, metric, mode, key)
 
 
@@ -190,7 +197,7 @@ def run_sweep(
         storage_path=root,
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress)],
+        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress, sweep_id)],
         verbose=0,
     )
     exp_path = os.path.join(root, sweep_id)
@@ -214,8 +221,11 @@ def run_sweep(
             run_config=run_config,
         )
     # Tune prints its own banners to stdout; keep stdout for the caller's --json.
-    with contextlib.redirect_stdout(sys.stderr):
-        results = tuner.fit()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            results = tuner.fit()
+    finally:
+        _LISTENERS.pop(sweep_id, None)
 
     trial_status = _reconcile(c, exp_id, sweep_id, results, progress)
     unfinished = sum(v for k, v in trial_status.items() if k in ("running", "pending"))

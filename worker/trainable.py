@@ -49,7 +49,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     from tp_engine.data import load_dataset
-    from tp_engine.train import STATUS_DIVERGED, train
+    from tp_engine.train import STATUS_COMPLETED, STATUS_DIVERGED, train
     from worker import tracking
     from worker.spec import SweepSpec
 
@@ -60,6 +60,16 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     tags = {"rule": cfg.rule, "backend": cfg.backend, "seed": str(cfg.seed),
             "config_hash": cfg.config_hash(), "dataset": cfg.dataset}
     name = f"{cfg.rule}-s{cfg.seed}-{trial_id[-5:]}"
+    prior = tracking.find_run(c, ctx.experiment_id, **{tracking.TAG_SWEEP: ctx.sweep_id, tracking.TAG_TRIAL: trial_id})
+    settled = prior.data.tags.get(tracking.TAG_STATUS) if prior is not None else None
+    if settled in (STATUS_COMPLETED, STATUS_DIVERGED):
+        # Finished and logged before the sweep driver died, but the Tune snapshot being resumed
+        # predates its last report: do not train, log or reopen it again, only tell Tune.
+        if prior.info.status != "FINISHED":
+            c.set_terminated(prior.info.run_id, "FINISHED")
+        last = {k: v for k, v in prior.data.metrics.items() if not k.startswith("final/")}
+        tune.report({**last, "epoch": prior.data.metrics.get("final/epochs", 0), "status": settled, "rule": cfg.rule})
+        return
     run_id, _ = tracking.child_run(c, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
                                    tags, cfg.flat(), name)
 
@@ -77,21 +87,34 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             raise RuntimeError("injected failure (TP_FAIL_ONCE_MARKER)")
         tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
         history.append(m)
+        if epoch >= cfg.epochs:
+            # Reported once the run is finalized: a scheduler may stop the trial at any report,
+            # and ASHA always does at max_t (the last epoch).
+            last_epoch["m"], last_epoch["st"] = m, st
+            return
+        report(m, "running", st, epoch)
+
+    def report(m: dict[str, float], status: str, st: dict[str, np.ndarray] | None = None, epoch: int = 0) -> None:
+        if st is None:
+            tune.report({**m, "status": status, "rule": cfg.rule})
+            return
         with tempfile.TemporaryDirectory() as d:
             _save_checkpoint(Path(d), {"epoch": epoch, "history": history, "run_id": run_id}, st)
-            status = "completed" if epoch >= cfg.epochs else "running"
             tune.report({**m, "status": status, "rule": cfg.rule}, checkpoint=tune.Checkpoint.from_directory(d))
 
+    last_epoch: dict[str, Any] = {}
     res = train(cfg, on_epoch, data=ds, resume=state, start_epoch=start_epoch, history=list(history))
     s = res.summary
     final = {f"final/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(c, run_id, final, step=len(res.history))
-    if res.status == STATUS_DIVERGED:
-        last = res.history[-1] if res.history else {}
-        tune.report({**last, "status": STATUS_DIVERGED, "rule": cfg.rule})
     _log_artifacts(c, run_id, res, ds, cfg)
-    c.set_tag(run_id, tracking.TAG_STATUS, res.status)
     c.set_terminated(run_id, "FINISHED")
+    c.set_tag(run_id, tracking.TAG_STATUS, res.status)
+    # The trial's last act: after this report Tune may stop it.
+    if last_epoch:
+        report(last_epoch["m"], res.status, last_epoch["st"], int(last_epoch["m"]["epoch"]))
+    else:  # diverged, or resumed from the checkpoint of its last epoch
+        report(res.history[-1] if res.history else {}, res.status)
 
 
 def _log_artifacts(c, run_id: str, res, ds, cfg) -> None:

@@ -1,0 +1,124 @@
+"""Load test of the sweep API: submission and list latency.
+
+    python bench/api_load.py [--n 200] [--concurrency 8] [--lists 200] [--db-url URL]
+
+Starts the API in this process (uvicorn in a thread, 127.0.0.1, a random free port, a fresh SQLite
+queue in a temporary folder unless --db-url is given, dispatcher off), fires ``n`` spec submissions
+(configs/smoke.yaml, renamed per request) from ``concurrency`` threads, then ``lists`` GET /sweeps
+calls (limit 100) from the same threads, checks that every submission was queued, and prints JSON:
+
+    {"submit_ms": {"p50", "p90", "p99", "max", "mean"}, "list_ms": {...}, "n": 200,
+     "concurrency": 8, "queued": 200, "submit_per_s": ..., "goal_p99_ms": 100, "meets_goal": ...}
+
+Only loopback traffic; bounded in count. Exit 1 if a request failed or a submission was lost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+
+from service.api import ServerThread, create_app  # noqa: E402
+from service.queue import SweepQueue  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+GOAL_P99_MS = 100
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    s = sorted(ms)
+
+    def pct(p: float) -> float:
+        return round(s[min(len(s) - 1, max(0, int(round(p / 100 * len(s))) - 1))], 2)
+
+    return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": round(s[-1], 2),
+            "mean": round(statistics.fmean(s), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200, help="submissions (default 200)")
+    p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
+    p.add_argument("--lists", type=int, default=200, help="GET /sweeps calls after the submissions (default 200)")
+    p.add_argument("--db-url", help="queue database (default: a fresh SQLite file)")
+    args = p.parse_args(argv)
+    if not (1 <= args.n <= 10_000 and 1 <= args.concurrency <= 64 and 0 <= args.lists <= 10_000):
+        p.error("n in 1..10000, concurrency in 1..64, lists in 0..10000")
+
+    spec = (REPO / "configs" / "smoke.yaml").read_text()
+    with tempfile.TemporaryDirectory(prefix="api_load_") as tmp:
+        data = Path(tmp)
+        settings = Settings(
+            tracking_uri=f"sqlite:///{data / 'mlflow.db'}", ray_address=None, service_url=None,
+            data_dir=data, db_url=args.db_url or f"sqlite:///{data / 'queue.db'}", api_token=None,
+            api_host="127.0.0.1", api_port=0, max_concurrent=1,
+        )
+        queue = SweepQueue(settings.db_url)
+        app = create_app(settings, queue=queue, dispatcher=False)
+        local = threading.local()
+
+        def http(base: str) -> httpx.Client:
+            if not hasattr(local, "c"):
+                local.c = httpx.Client(base_url=base, timeout=60)
+            return local.c
+
+        with ServerThread(app) as srv:
+            # Warm up (first request pays for imports and connection setup).
+            httpx.get(srv.url + "/health", timeout=30)
+
+            def submit(i: int) -> tuple[float, int, str]:
+                body = spec.replace("name: tp-smoke-spiral", f"name: load-{i}")
+                t0 = time.perf_counter()
+                r = http(srv.url).post("/sweeps", content=body, headers={"Content-Type": "application/x-yaml"})
+                dt = (time.perf_counter() - t0) * 1000
+                return dt, r.status_code, (r.json().get("id", "") if r.status_code == 201 else r.text[:200])
+
+            def list_call(_: int) -> tuple[float, int, int]:
+                t0 = time.perf_counter()
+                r = http(srv.url).get("/sweeps", params={"limit": 100})
+                dt = (time.perf_counter() - t0) * 1000
+                return dt, r.status_code, len(r.json().get("sweeps", [])) if r.status_code == 200 else 0
+
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                t0 = time.perf_counter()
+                subs = list(pool.map(submit, range(args.n)))
+                submit_wall = time.perf_counter() - t0
+                lists = list(pool.map(list_call, range(args.lists)))
+            queued = len(queue.list(limit=args.n + 10))
+        queue.close()
+
+    failed = [s for s in subs if s[1] != 201] + [x for x in lists if x[1] != 200]
+    ids = {s[2] for s in subs if s[1] == 201}
+    submit_ms = percentiles([s[0] for s in subs])
+    list_ms = percentiles([x[0] for x in lists]) if lists else None
+    out = {
+        "submit_ms": submit_ms,
+        "list_ms": list_ms,
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "lists": args.lists,
+        "queued": queued,
+        "unique_ids": len(ids),
+        "failed_requests": len(failed),
+        "submit_per_s": round(args.n / submit_wall, 1),
+        "queue": "sqlite" if not args.db_url else args.db_url.split(":", 1)[0],
+        "goal_p99_ms": GOAL_P99_MS,
+        "meets_goal": submit_ms["p99"] <= GOAL_P99_MS and (list_ms is None or list_ms["p99"] <= GOAL_P99_MS),
+    }
+    print(json.dumps(out))
+    return 0 if not failed and queued == args.n and len(ids) == args.n else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
