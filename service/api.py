@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -204,6 +204,10 @@ def create_app(
     def _view(request: Request, rec) -> SweepView:
         return request.app.state.views.view(rec)
 
+    def _json(model, status_code: int = 200) -> Response:
+        # Already a validated model: serialise it once (FastAPI would validate it again).
+        return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
     def _get_or_404(q: SweepQueue, sweep_id: str):
         try:
             return q.get(sweep_id)
@@ -264,7 +268,7 @@ def create_app(
 
         view = await run_in_threadpool(work)
         _wake(request)
-        return view
+        return _json(view, 201)
 
     @router.get("/sweeps", response_model=SweepList)
     def list_sweeps(
@@ -281,11 +285,11 @@ def create_app(
                 raise _Unprocessable([_detail("state", f"unknown state {state!r}; expected one of "
                                                        + ", ".join(s.value for s in SweepState))]) from None
         recs = _queue(request).list(st, limit=limit)
-        return SweepList(sweeps=[_view(request, r) for r in recs])
+        return _json(SweepList(sweeps=[_view(request, r) for r in recs]))
 
     @router.get("/sweeps/{sweep_id}", response_model=SweepView, responses={404: {"description": "no such sweep"}})
     def get_sweep(request: Request, sweep_id: str) -> SweepView:
-        return _view(request, _get_or_404(_queue(request), sweep_id))
+        return _json(_view(request, _get_or_404(_queue(request), sweep_id)))
 
     @router.get("/sweeps/{sweep_id}/spec", response_class=PlainTextResponse,
                 responses={200: {"content": {"application/x-yaml": {}}}, 404: {"description": "no such sweep"}})
@@ -305,7 +309,7 @@ def create_app(
         except KeyError:
             raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
         _wake(request)
-        return _view(request, rec)
+        return _json(_view(request, rec))
 
     app.include_router(router)
     return app

@@ -26,13 +26,20 @@ class Op:
     f_rinv: Callable[..., Any]
     # d f / d x evaluated at x, elementwise (activations only); used by local gradients.
     deriv: Callable[..., Any] | None = None
+    # df written through the output y = f(x), when that is cheaper (tanh: 1 - y^2): the forward
+    # pass already holds y, so local gradients skip recomputing f.
+    df_y: Callable[..., Any] | None = None
+
+    def vjp(self, B, dy, x, y, p=None):
+        """df(dy) at x, given also y = f(x)."""
+        return self.df_y(B, dy, y) if self.df_y is not None else self.df(B, dy, x, p)
 
 
 OPS: dict[str, Op] = {}
 
 
-def defop(name, f, df, f_inv, f_rinv, deriv=None) -> Op:
-    OPS[name] = Op(name, f, df, f_inv, f_rinv, deriv)
+def defop(name, f, df, f_inv, f_rinv, deriv=None, df_y=None) -> Op:
+    OPS[name] = Op(name, f, df, f_inv, f_rinv, deriv, df_y)
     return OPS[name]
 
 
@@ -113,6 +120,7 @@ defop(
     f_inv=_tanh_f_inv,
     f_rinv=_iterative_rinv(lambda B, x, p: B.tanh(x), _tanh_deriv, _tanh_f_inv),
     deriv=_tanh_deriv,
+    df_y=lambda B, dy, y: dy * (1.0 - y * y),
 )
 
 
@@ -133,6 +141,7 @@ defop(
     f_inv=_sigmoid_f_inv,
     f_rinv=_iterative_rinv(lambda B, x, p: B.sigmoid(x), _sigmoid_deriv, _sigmoid_f_inv),
     deriv=_sigmoid_deriv,
+    df_y=lambda B, dy, y: dy * y * (1.0 - y),
 )
 
 
@@ -185,6 +194,7 @@ defop(
     f_inv=lambda B, y, x0, p=None, th=None: y,
     f_rinv=lambda B, y, x0, p, gamma, opts=None: (y + gamma * x0) / (1.0 + gamma),
     deriv=lambda B, x: 1.0 + 0.0 * x,
+    df_y=lambda B, dy, y: dy,
 )
 
 

@@ -88,7 +88,7 @@ class Engine:
             return B.sum(d * d) / n
 
         def manual():
-            delta = act.df(B, 2.0 * (fwd.hs[l] - t_l), fwd.as_[l])
+            delta = act.vjp(B, 2.0 * (fwd.hs[l] - t_l), fwd.as_[l], fwd.hs[l])
             return [B.matmul_tn(h_in, delta) / n, B.mean(delta, axis=0)]
 
         return B.local_grads(loss_fn, [net.W[l], net.b[l]], manual)
@@ -109,7 +109,7 @@ class Engine:
         r = net.act.f(B, pre)
 
         def manual():
-            delta = net.act.df(B, 2.0 * (r - xc), pre)
+            delta = net.act.vjp(B, 2.0 * (r - xc), pre, r)
             return [B.matmul_tn(z, delta) / n, B.mean(delta, axis=0)]
 
         grads = B.local_grads(loss_fn, [net.V[l], net.c[l]], manual)

@@ -7,4 +7,4 @@ class BP(OpByOpRule):
     uses_alpha = False
 
     def invert(self, B, op, p, y, x0, y0, cfg):
-        return x0 - op.df(B, y0 - y, x0, p)
+        return x0 - op.vjp(B, y0 - y, x0, y0, p)
