@@ -1,0 +1,404 @@
+"""End to end on a real local cluster: MLflow server, a Ray head + a second Ray node, the API with
+its dispatcher (scripts/local_cluster up, in a temporary SWEEP_DATA_DIR on free ports).
+
+* a sweep submitted through the CLI runs trials on both Ray nodes, logs 1 parent + N child runs
+  with metrics and a loadable model, and `service.status` / `service.report` work on it;
+* a sweep cancelled mid-way ends cancelled, with no trial actor left alive and its runs kept;
+* the service SIGKILLed mid-sweep and restarted adopts the running job; killed again while the
+  job is stopped from outside, it resubmits the sweep on restart, which resumes from Tune's
+  storage without duplicating any MLflow child run.
+
+Slow (minutes); trials are tiny (spiral, hidden [16], numpy backend).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_CLUSTER = REPO / "scripts" / "local_cluster"
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+
+pytestmark = pytest.mark.slow
+
+BASE_SPEC = {
+    "name": "e2e",
+    "description": "tests/test_e2e_cluster.py",
+    "base": {"dataset": "spiral", "mode": "classification", "backend": "numpy", "hidden": [16],
+             "activation": "tanh", "epochs": 3, "batch_size": 50},
+    "parameters": {"rule": {"distribution": "values", "values": ["bp", "dtp"]}},
+    "search": {"method": "grid", "metric": "valid_accuracy", "mode": "max", "max_concurrent_trials": 2,
+               "seeds": [0, 1]},
+    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+}
+
+
+def spec_file(tmp: Path, name: str, epochs: int) -> Path:
+    spec = json.loads(json.dumps(BASE_SPEC))
+    spec["name"] = name
+    spec["base"]["epochs"] = epochs
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+class Cluster:
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        mlflow, api, gcs, dash, head_agent, worker_agent = free_ports(6)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SWEEP_", "RAY_", "MLFLOW_"))}
+        self.launch_env = {
+            **base,
+            "SWEEP_DATA_DIR": str(data_dir),
+            "MLFLOW_PORT": str(mlflow),
+            "SWEEP_API_PORT": str(api),
+            "RAY_GCS_PORT": str(gcs),
+            "RAY_DASHBOARD_PORT": str(dash),
+            "LOCAL_CLUSTER_HEAD_AGENT_PORT": str(head_agent),
+            "LOCAL_CLUSTER_WORKER_AGENT_PORT": str(worker_agent),
+            "LOCAL_CLUSTER_RAY_TEMP_DIR": f"/tmp/tp_e2e_ray_{gcs}",
+            "LOCAL_CLUSTER_TIMEOUT": "300",
+        }
+        self.env: dict[str, str] = {}
+        self.state_dir = data_dir / "local_cluster"
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([str(LOCAL_CLUSTER), *args], cwd=REPO, env=self.launch_env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def up(self) -> None:
+        r = self.run("up")
+        if r.returncode != 0:
+            raise RuntimeError(f"local_cluster up failed ({r.returncode}):\n{r.stderr[-4000:]}")
+        r = self.run("env", timeout=60)
+        env = {}
+        for line in r.stdout.splitlines():
+            if line.startswith("export "):
+                k, _, v = line[len("export "):].partition("=")
+                env[k] = subprocess.run(["bash", "-c", f"printf %s {v}"], capture_output=True, text=True).stdout
+        self.env = {**self.launch_env, **env}
+
+    def down(self) -> None:
+        self.run("down", timeout=300)
+
+    @property
+    def service_url(self) -> str:
+        return self.env["SWEEP_SERVICE_URL"]
+
+    def service_pid(self) -> int:
+        return int((self.state_dir / "pids" / "service.pid").read_text().strip())
+
+    def kill_service(self) -> None:
+        pid = self.service_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            # A zombie still answers kill(0): reaped by its parent (init) shortly.
+            if Path(f"/proc/{pid}/stat").exists() and " Z " in Path(f"/proc/{pid}/stat").read_text():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"service pid {pid} survived SIGKILL")
+
+    def log(self, name: str) -> str:
+        p = self.state_dir / "logs" / f"{name}.log"
+        return p.read_text()[-6000:] if p.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    data = tmp_path_factory.mktemp("e2e_data")
+    c = Cluster(data)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN",
+                                            "RAY_USAGE_STATS_ENABLED")}
+    try:
+        c.up()
+        # This test process talks to the Jobs/State API too: same token settings as the service.
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED"):
+            if k in c.env:
+                os.environ[k] = c.env[k]
+        yield c
+    finally:
+        c.down()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def cli(cluster: Cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", *args], cwd=REPO, env=cluster.env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _has_remote_submit() -> bool:
+    src = REPO / "service" / "submit.py"
+    return src.exists() and "def submit_remote" in src.read_text()
+
+
+def submit(cluster: Cluster, path: Path) -> str:
+    """Queue a spec through the lead's CLI in service mode (--no-wait), return the sweep id."""
+    if _has_remote_submit():
+        r = cli(cluster, "service.submit", str(path), "--service", cluster.service_url, "--no-wait", "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        return out.get("id") or out["sweep_id"]
+    # TODO: switch to `python -m service.submit` once its service mode (submit_remote) exists.
+    r = httpx.post(cluster.service_url + "/sweeps", content=path.read_text(),
+                   headers={"Content-Type": "application/x-yaml"}, timeout=60)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def get(cluster: Cluster, sweep_id: str) -> dict:
+    r = httpx.get(f"{cluster.service_url}/sweeps/{sweep_id}", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_for(cluster: Cluster, sweep_id: str, pred, timeout: float, what: str, on_poll=None) -> dict:
+    deadline = time.monotonic() + timeout
+    v = None
+    while time.monotonic() < deadline:
+        try:
+            v = get(cluster, sweep_id)
+        except httpx.HTTPError:
+            v = None  # the service may be restarting
+        if on_poll is not None:
+            on_poll()
+        if v is not None and pred(v):
+            return v
+        if v is not None and v["state"] in ("failed", "cancelled", "succeeded") and not pred(v):
+            raise AssertionError(f"{sweep_id} ended {v['state']} while waiting for {what}: {v.get('error')}\n"
+                                 f"service log:\n{cluster.log('service')}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}; last view: {v}\nservice log:\n{cluster.log('service')}")
+
+
+def jobs(cluster: Cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.env["RAY_ADDRESS"])
+
+
+def trial_actors(cluster: Cluster, job_id: str, alive_only: bool = False) -> list:
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "ImplicitFunc"), ("job_id", "=", job_id)]
+    if alive_only:
+        filters.append(("state", "=", "ALIVE"))
+    return list_actors(address=cluster.env["RAY_ADDRESS"], filters=filters, limit=1000,
+                       raise_on_missing_output=False)
+
+
+def mlflow_client(view: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(view["mlflow_tracking_uri"])
+
+
+def child_runs(view: dict):
+    c = mlflow_client(view)
+    return c.search_runs([view["mlflow_experiment_id"]],
+                         filter_string=f"tags.`mlflow.parentRunId` = '{view['mlflow_parent_run_id']}'",
+                         max_results=1000)
+
+
+def epochs_reported(v: dict) -> int:
+    return int((v.get("progress") or {}).get("epochs_reported") or 0)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+
+def test_health(cluster):
+    h = httpx.get(cluster.service_url + "/health", timeout=30).json()
+    assert h == {"status": "ok", "queue": "sqlite", "dispatcher": "running", "ray": cluster.env["RAY_ADDRESS"]}
+
+
+def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path):
+    path = spec_file(tmp_path, "e2e-smoke", epochs=3)
+    waiting = None
+    if _has_remote_submit():
+        # The CLI's default: submit and wait for the end (run in the background while we watch).
+        waiting = subprocess.Popen([PY, "-m", "service.submit", str(path), "--service", cluster.service_url,
+                                    "--json"], cwd=REPO, env=cluster.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        sweep_id = None
+        while sweep_id is None and time.monotonic() < deadline:
+            listed = httpx.get(cluster.service_url + "/sweeps", timeout=30).json()["sweeps"]
+            sweep_id = next((s["id"] for s in listed if s["name"] == "e2e-smoke"), None)
+            time.sleep(0.5)
+        assert sweep_id, "the submit CLI did not queue the sweep"
+    else:
+        sweep_id = submit(cluster, path)
+
+    nodes: set[str] = set()
+    job_id: list[str] = []
+
+    def watch_nodes():
+        try:
+            if not job_id:
+                job_id.append(jobs(cluster).get_job_info(sweep_id).job_id)
+            nodes.update(a.node_id for a in trial_actors(cluster, job_id[0]))
+        except Exception:
+            pass  # not submitted yet
+
+    v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 420, "the sweep to succeed",
+                 on_poll=watch_nodes)
+    watch_nodes()
+    if waiting is not None:
+        out, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err
+        assert sweep_id in out
+
+    # Both Ray nodes ran trials (the trial actors' node ids; one host, two raylets).
+    from ray.util.state import list_nodes
+
+    alive_nodes = {n.node_id for n in list_nodes(address=cluster.env["RAY_ADDRESS"]) if n.state == "ALIVE"}
+    assert len(alive_nodes) == 2
+    assert nodes == alive_nodes, f"trials ran on {len(nodes)} node(s)"
+
+    # The view: progress, MLflow ids, the job's result.
+    assert v["attempts"] == 1 and v["n_trials"] == 4 and v["error"] is None
+    assert v["progress"]["done"] == 4 and v["progress"]["total"] == 4
+    assert set(v["progress"]["best"]) == {"bp", "dtp"}
+    assert v["mlflow_tracking_uri"] == cluster.env["MLFLOW_TRACKING_URI"]
+    assert v["result"]["state"] == "succeeded" and "| `bp` |" in v["result"]["table_markdown"]
+
+    # MLflow: 1 parent + 4 children with metrics and a loadable model.
+    c = mlflow_client(v)
+    parent = c.get_run(v["mlflow_parent_run_id"])
+    assert parent.data.tags["sweep_id"] == sweep_id and parent.info.status == "FINISHED"
+    runs = child_runs(v)
+    assert len(runs) == 4
+    assert Counter(r.data.tags["rule"] for r in runs) == {"bp": 2, "dtp": 2}
+    assert len({r.data.tags["trial_id"] for r in runs}) == 4
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["status"] == "completed"
+        assert "final/best_valid_accuracy" in r.data.metrics
+        assert len(c.get_metric_history(r.info.run_id, "valid_accuracy")) == 3
+    import mlflow
+
+    mlflow.set_tracking_uri(v["mlflow_tracking_uri"])
+    model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
+    x = np.random.default_rng(0).uniform(-1, 1, size=(5, 2)).astype(np.float32)
+    pred = np.asarray(model.predict(x))
+    assert pred.shape[0] == 5
+
+    # The CLIs (service mode, via SWEEP_SERVICE_URL).
+    r = cli(cluster, "service.status", sweep_id, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "succeeded"
+    r = cli(cluster, "service.status")
+    assert r.returncode == 0 and sweep_id in r.stdout
+    md = tmp_path / "results" / "README_results.md"
+    outdir = tmp_path / "report"
+    r = cli(cluster, "service.report", sweep_id, "--markdown", str(md), "--outdir", str(outdir), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert [row["rule"] for row in rep["rows"]] == ["bp", "dtp"]
+    assert all(row["trials"] == 2 for row in rep["rows"])
+    assert {Path(p).name for p in rep["plots"]} == {"learning_curves.png", "angle_bp.png"}
+    assert all(Path(p).stat().st_size > 1000 for p in rep["plots"])
+    text = md.read_text()
+    assert sweep_id in text and v["mlflow_parent_run_id"] in text and "python -m service.report" in text
+    assert "](../report/learning_curves.png)" in text
+    r = cli(cluster, "service.report", sweep_id)
+    assert r.returncode == 0 and "bp" in r.stdout
+
+
+def test_cancel_mid_sweep(cluster, tmp_path):
+    sweep_id = submit(cluster, spec_file(tmp_path, "e2e-cancel", epochs=400))
+    wait_for(cluster, sweep_id, lambda v: v["state"] == "running" and epochs_reported(v) >= 4, 300,
+             "trials to report")
+    r = cli(cluster, "service.cancel", sweep_id)
+    assert r.returncode == 0, r.stderr
+    assert "cancel" in r.stdout
+    v = wait_for(cluster, sweep_id, lambda v: v["state"] == "cancelled", 180, "the sweep to be cancelled")
+    assert v["cancel_requested"] and v["finished_at"] and v["error"] is None
+    info = jobs(cluster).get_job_info(sweep_id)
+    assert info.status == "STOPPED"
+    assert trial_actors(cluster, info.job_id, alive_only=True) == []
+    assert len(trial_actors(cluster, info.job_id)) >= 2  # they did run
+    # What was logged stays: the parent and the children that started, with their metrics.
+    runs = child_runs(v)
+    assert runs and any(r.data.metrics.get("valid_accuracy") is not None for r in runs)
+    assert v["progress"]["done"] < 4
+    # Idempotent.
+    assert cli(cluster, "service.cancel", sweep_id).returncode == 0
+    assert get(cluster, sweep_id)["state"] == "cancelled"
+
+
+def test_service_killed_mid_sweep_adopts_then_resumes(cluster, tmp_path):
+    sweep_id = submit(cluster, spec_file(tmp_path, "e2e-restart", epochs=40))
+    wait_for(cluster, sweep_id, lambda v: v["state"] == "running" and epochs_reported(v) >= 6, 300,
+             "trials to report")
+
+    # 1. SIGKILL the service; its Ray job runs on. After a restart the dispatcher adopts it.
+    cluster.kill_service()
+    cluster.up()
+    time.sleep(3)
+    v = get(cluster, sweep_id)
+    assert v["attempts"] == 1 and v["state"] in ("running", "succeeded"), v
+
+    if v["state"] == "running":
+        # 2. SIGKILL it again, and stop the job from outside while it is down (as if the driver had
+        # been lost). On restart the dispatcher resubmits the sweep as <id>-r2, which resumes.
+        cluster.kill_service()
+        client = jobs(cluster)
+        client.stop_job(sweep_id)
+        deadline = time.monotonic() + 120
+        while not client.get_job_status(sweep_id).is_terminal():
+            assert time.monotonic() < deadline, "the Ray job did not stop"
+            time.sleep(1)
+        cluster.up()
+        v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 420, "the resumed sweep to succeed")
+        assert v["attempts"] == 2
+        assert client.get_job_status(f"{sweep_id}-r2") == "SUCCEEDED"
+    assert v["progress"]["done"] == 4 and v["result"]["state"] == "succeeded"
+
+    # Every trial has exactly one child run (the resumed job found the existing ones by tag).
+    runs = child_runs(v)
+    per_trial = Counter(r.data.tags["trial_id"] for r in runs)
+    assert len(per_trial) == 4 and set(per_trial.values()) == {1}, per_trial
+    c = mlflow_client(v)
+    for r in runs:
+        assert r.data.tags["status"] == "completed"
+        steps = {m.step for m in c.get_metric_history(r.info.run_id, "valid_accuracy")}
+        assert steps == set(range(1, 41)), sorted(steps)
