@@ -386,3 +386,13 @@ def test_docker_compose_refuses_missing_secrets(tmp_path):
     result = compose_run("--env-file", str(empty), "config", "-q", drop=DUMMY_SECRETS)
     assert result.returncode != 0
     assert "in .env" in result.stderr
+
+
+def test_code_reads_only_names_the_stack_knows():
+    """service/settings.py lists every variable the code reads; the entrypoint must know each."""
+    from service.settings import ENV
+
+    names = set(re.search(r"^ENV_NAMES=\(\n(.*?)\n\)", ENTRYPOINT.read_text(), re.S | re.M).group(1).split())
+    assert set(ENV) <= names, set(ENV) - names
+    assert set(ENV) == CODE_ENV_NAMES - {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                                         "RAY_USAGE_STATS_ENABLED", "RAY_JOB_STOP_SIGNAL"}

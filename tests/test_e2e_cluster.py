@@ -270,14 +270,18 @@ def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path):
 
     nodes: set[str] = set()
     job_id: list[str] = []
+    errors: list[str] = []
 
     def watch_nodes():
         try:
             if not job_id:
-                job_id.append(jobs(cluster).get_job_info(sweep_id).job_id)
-            nodes.update(a.node_id for a in trial_actors(cluster, job_id[0]))
-        except Exception:
-            pass  # not submitted yet
+                jid = jobs(cluster).get_job_info(sweep_id).job_id  # None until the driver starts
+                if jid is None:
+                    return
+                job_id.append(jid)
+            nodes.update(a.node_id for a in trial_actors(cluster, job_id[0]) if a.node_id)
+        except Exception as e:  # e.g. not submitted yet
+            errors.append(repr(e)[:500])
 
     v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 420, "the sweep to succeed",
                  on_poll=watch_nodes)
@@ -292,7 +296,7 @@ def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path):
 
     alive_nodes = {n.node_id for n in list_nodes(address=cluster.env["RAY_ADDRESS"]) if n.state == "ALIVE"}
     assert len(alive_nodes) == 2
-    assert nodes == alive_nodes, f"trials ran on {len(nodes)} node(s)"
+    assert nodes == alive_nodes, f"trials ran on {len(nodes)} node(s); errors: {errors[-3:]}"
 
     # The view: progress, MLflow ids, the job's result.
     assert v["attempts"] == 1 and v["n_trials"] == 4 and v["error"] is None

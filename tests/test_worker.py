@@ -444,6 +444,7 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path):
 
     done_before = {r.info.run_id: r for r in c.search_runs([exp_id], filter_string=flt)}
     assert done_before
+    print(f"[resume] completed before the kill: {len(done_before)} of {spec.n_trials()}")
     before = {rid: ([(m.step, m.timestamp, m.value) for m in history(c, rid)], r.info.end_time,
                     r.data.metrics["final/epochs"]) for rid, r in done_before.items()}
 
@@ -524,6 +525,7 @@ def test_asha_early_stopping(tmp_path):
     uri = sqlite_store(tmp_path, spec)
     result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2)
     assert result.state == "succeeded"
+    print(f"[asha] trial statuses: {result.trial_status}")
     assert set(result.trial_status) <= {"completed", "early_stopped"}, result.trial_status
     assert sum(result.trial_status.values()) == 3
     c = MlflowClient(uri)
