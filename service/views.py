@@ -96,7 +96,7 @@ class ViewBuilder:
         started = read_json(folder / "started.json") if rec.mlflow_experiment_id else None
         uri = (started or {}).get("tracking_uri")
         result = read_json(folder / "result.json") if rec.is_terminal else None
-        if rec.is_terminal:
+        if rec.is_terminal and result is not None:  # a result may still be on its way: retry later
             if len(self._final) > 10_000:
                 self._final.clear()
             self._final[rec.id] = (result, uri)

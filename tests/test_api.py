@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -502,6 +503,46 @@ def test_real_process_client_and_clis(tmp_path, monkeypatch, capsys):
         proc.wait(30)
     code, _, err = cli(status_cli, "--service", url)
     assert code == 1 and "cannot reach" in err
+
+
+# ---- the dispatcher without a cluster ---------------------------------------------------------
+
+
+def test_submission_ids():
+    from service.dispatcher import submission_id
+
+    assert submission_id("sw-1", 1) == "sw-1"
+    assert submission_id("sw-1", 0) == "sw-1"
+    assert submission_id("sw-1", 3) == "sw-1-r3"
+
+
+def test_dispatcher_changes_nothing_while_ray_is_unreachable(tmp_path, queue):
+    """Nothing listens on the port: no sweep is claimed, a running one stays running, the thread
+    keeps retrying and /health says so."""
+    from service.dispatcher import Dispatcher, RayUnavailable
+
+    settings = replace(make_settings(tmp_path), ray_address=f"http://127.0.0.1:{free_port()}")
+    sid = queue.submit("t", SMOKE).id
+    d = Dispatcher(settings, queue, poll_interval=0.1)
+    with pytest.raises(RayUnavailable, match="cannot reach the Ray Jobs API"):
+        d.tick()
+    rec = queue.get(sid)
+    assert rec.state is SweepState.QUEUED and rec.attempts == 0
+    assert queue.claim_next().id == sid
+    with pytest.raises(RayUnavailable):
+        d.tick()
+    rec = queue.get(sid)
+    assert rec.state is SweepState.RUNNING and rec.attempts == 1 and rec.error is None
+
+    app = create_app(settings, queue=queue, dispatcher=True, poll_interval=0.1)
+    with TestClient(app) as c:
+        time.sleep(0.5)
+        assert c.get("/health").json() == {"status": "ok", "queue": "sqlite", "dispatcher": "running",
+                                           "ray": settings.ray_address}
+        other = post_yaml(c, SMOKE).json()["id"]
+        time.sleep(0.5)
+        assert queue.get(other).state is SweepState.QUEUED
+    assert queue.get(sid).state is SweepState.RUNNING
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------

@@ -242,7 +242,23 @@ def test_rlstp_small_gamma_steps(tfb):
 
 
 # -- 2. local gradients: closed form (NumPy) == GradientTape (TensorFlow) --------------------------
-@pytest.mark.parametrize("rule,act,extra", TARGET_CASES[:-1], ids=[case_id(c) for c in TARGET_CASES[:-1]])
+def grad_atol(h_in, out, target, n):
+    """Absolute tolerance of d/dW = (2/n) h_in^T (act' * (out - target)) and of d/db.
+
+    The two sides subtract nearly equal numbers: NumPy uses the stored forward value ``out``,
+    GradientTape recomputes it (an ulp apart), and near-converged targets make out - target tiny,
+    so relative error in the result can be large while the absolute error stays ~u times the
+    magnitude of the terms before cancellation, (2/n) |h_in|^T (|out| + |target|). 32 u of that is
+    ~1e-6 here, 100-1000x below what a wrong factor (2, 1/n, act') would change."""
+    mag = np.abs(np.asarray(out, np.float64)) + np.abs(np.asarray(target, np.float64))
+    return (32 * U32 * 2 / n * float(np.max(np.abs(np.asarray(h_in, np.float64)).T @ mag)),
+            32 * U32 * 2 / n * float(np.max(mag.sum(axis=0))))
+
+
+GRAD_CASES = TARGET_CASES[:-1]
+
+
+@pytest.mark.parametrize("rule,act,extra", GRAD_CASES, ids=[case_id(c) for c in GRAD_CASES])
 def test_layer_grads_closed_form_equals_gradient_tape(tfb, rule, act, extra):
     cfg = small_cfg(rule, act, **extra)
     en, et = pair(cfg, tfb)
@@ -254,23 +270,24 @@ def test_layer_grads_closed_form_equals_gradient_tape(tfb, rule, act, extra):
         gn = en.layer_grads(fn, l, tn[l])
         gt = et.layer_grads(ft, l, tfb.asarray(tn[l]))
         assert len(gn) == len(gt) == 2
-        for name, a, b in zip(("W", "b"), gn, gt):
+        atols = grad_atol(fn.hs[l - 1], fn.hs[l], tn[l], BATCH)
+        for name, a, b, atol in zip(("W", "b"), gn, gt, atols):
             assert b is not None, f"GradientTape gave no gradient for {name}{l}"
             b = tfb.to_numpy(b)
-            assert a.shape == b.shape == tuple(en.net.W[l].shape if name == "W" else en.net.b[l].shape)
-            scale = float(np.max(np.abs(a)))
-            assert scale > 0 or (act == "relu" and name == "b"), f"{name}{l}: zero gradient"
-            # entries are batch means of O(|g|) products: float32 error ~ u * scale * depth.
-            np.testing.assert_allclose(b, a, rtol=RTOL, atol=1e-5 * scale + 1e-8, err_msg=f"d/d{name}{l}")
+            assert a.shape == b.shape == tuple((en.net.W if name == "W" else en.net.b)[l].shape)
+            assert float(np.max(np.abs(a))) > 10 * atol, f"{name}{l}: gradient too small to compare"
+            np.testing.assert_allclose(b, a, rtol=RTOL, atol=atol, err_msg=f"d/d{name}{l}")
     if rule == "dtp":
         noise = noise_for(en, 0)
         for l, e in zip(en.net.inverse_layers, noise):
             (gVn, gcn), lossn = en.inverse_grads(fn, l, e)
             (gVt, gct), losst = et.inverse_grads(ft, l, tfb.asarray(e))
-            for name, a, b in (("V", gVn, gVt), ("c", gcn, gct)):
-                scale = float(np.max(np.abs(a)))
-                np.testing.assert_allclose(tfb.to_numpy(b), a, rtol=RTOL, atol=1e-5 * scale + 1e-8,
-                                           err_msg=f"d/d{name}{l}")
+            xc = fn.hs[l - 1] + e
+            z = en.net.layer_act(l).f(NP, xc @ en.net.W[l] + en.net.b[l])
+            r = en.net.inverse(l, z)
+            for name, a, b, atol in zip(("V", "c"), (gVn, gcn), (gVt, gct), grad_atol(z, r, xc, BATCH)):
+                assert float(np.max(np.abs(a))) > 10 * atol
+                np.testing.assert_allclose(tfb.to_numpy(b), a, rtol=RTOL, atol=atol, err_msg=f"d/d{name}{l}")
             assert float(tfb.to_numpy(losst)) == pytest.approx(float(lossn), rel=1e-5)
 
 
@@ -296,12 +313,7 @@ def test_fused_optimizer_updates_agree(tfb, opt):
     assert not np.allclose(pn[0], p0[0], atol=1e-3)
 
 
-# -- known disagreements (bugs in tp_engine, not fixed here) ----------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "tf_backend.compile uses tf.function(reduce_retracing=True): the second distinct batch size "
-    "retraces with a relaxed shape (None, n_in), and Engine uses the static x.shape[0] as the batch "
-    "size n (step.py targets/layer_grads/inverse_grads/diagnose), so the TF step fails with "
-    "'ValueError: None values not supported' while NumPy takes any batch size"))
+# -- batch sizes and checkpoints across paths ---------------------------------------------------------
 def test_forward_step_with_a_second_batch_size(tfb):
     cfg = small_cfg("bp", "tanh", "sgd")
     en, et = pair(cfg, tfb)
@@ -314,11 +326,7 @@ def test_forward_step_with_a_second_batch_size(tfb):
 
 
 @pytest.mark.parametrize("opt", [
-    pytest.param("sgd", marks=pytest.mark.xfail(strict=True, reason=(
-        "sgd's 'mom' slot means different things on the two paths: NumPy keeps mom = m*mom + lr*g, "
-        "TensorFlow's ResourceApplyMomentum keeps accum = m*accum + g (lr applied at the update), "
-        "so a checkpoint (train.engine_state) from one path resumes on the other with the momentum "
-        "off by a factor lr (or 1/lr)"))),
+    "sgd",
     "rmsprop", "rmsprop_centered", "adam",
 ])
 def test_checkpoint_resumes_on_the_other_path(tfb, opt):
@@ -372,14 +380,17 @@ def mnist_run(mnist, tfb):
 def test_one_mnist_epoch_agrees(mnist_run, rule):
     rn, rt = mnist_run(rule, "numpy"), mnist_run(rule, "tensorflow")
     hn, ht = rn.history[-1], rt.history[-1]
-    assert hn["valid_accuracy"] > 0.5, hn  # it learned something (10 classes)
+    assert hn["valid_accuracy"] > 0.3, hn  # it learned something (10 classes, chance 0.1)
     assert abs(hn["valid_accuracy"] - ht["valid_accuracy"]) <= 0.005, (hn["valid_accuracy"], ht["valid_accuracy"])
     assert abs(hn["test_accuracy"] - ht["test_accuracy"]) <= 0.005
-    # Stronger: 30 steps of the same trajectory, so losses match to well under a percent.
+    # Stronger: 30 steps of the same trajectory. Measured relative loss differences are <= 1e-6;
+    # 1e-4 leaves room for other CPUs' kernels while any real difference in a step shows up.
     for k in ("train_loss", "valid_loss", "test_loss"):
-        assert ht[k] == pytest.approx(hn[k], rel=2e-3), k
+        assert ht[k] == pytest.approx(hn[k], rel=1e-4), k
+    # Angles come from acos(cos); near 0 degrees (bp) a cos error d moves the angle by sqrt(2d)
+    # rad, so ~1e-7 in cos is ~0.03 degrees (measured <= 0.04).
     for l in (1, 2, 3):
-        assert ht[f"angle_bp/{l}"] == pytest.approx(hn[f"angle_bp/{l}"], abs=0.5), f"angle_bp/{l}"
+        assert ht[f"angle_bp/{l}"] == pytest.approx(hn[f"angle_bp/{l}"], abs=0.25), f"angle_bp/{l}"
     assert rt.summary["backend"] == "tensorflow" and rn.summary["backend"] == "numpy"
 
 
@@ -492,6 +503,7 @@ SUBPROCESSES = {
     "tf_cli": (["test_tensorflow_cli_json_and_quiet_logs"], TF_CLI),
 }
 _PROCS: dict[str, subprocess.Popen] = {}
+_RESULTS: dict[str, tuple[int, str, str]] = {}
 
 
 def _start(name):
@@ -505,9 +517,11 @@ def _start(name):
 
 
 def _finish(name, timeout=600):
-    p = _start(name)
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
+    if name not in _RESULTS:
+        p = _start(name)
+        out, err = p.communicate(timeout=timeout)
+        _RESULTS[name] = (p.returncode, out, err)
+    return _RESULTS[name]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -524,6 +538,7 @@ def _background_subprocesses(request):
             p.kill()
             p.wait()
     _PROCS.clear()
+    _RESULTS.clear()
 
 
 def test_numpy_path_never_imports_tensorflow():

@@ -111,15 +111,23 @@ def ray_local(request, fail_marker):
     worker process inherits it (and it is passed as a runtime_env var as well)."""
     if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("mlflow_server_proc")  # boot it now, in the background
-    saved = {k: os.environ.get(k) for k in (FAIL_ONCE_ENV, "RAY_USAGE_STATS_ENABLED",
-                                             "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")}
-    os.environ[FAIL_ONCE_ENV] = str(fail_marker)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    # The same settings worker.sweep._init_ray makes when it starts Ray itself.
+    env = {FAIL_ONCE_ENV: str(fail_marker), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
+           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {FAIL_ONCE_ENV: str(fail_marker), "PYTHONWARNINGS": "ignore"}})
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {FAIL_ONCE_ENV: str(fail_marker), "PYTHONWARNINGS": "ignore"}})
+            break
+        except Exception:  # "timed out during startup": the raylet gets 30 s, too few when loaded
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
     for k, v in saved.items():
@@ -205,16 +213,6 @@ def logged_models(exp_id: str, run_id: str, status: str | None = "READY"):
     return [m for m in models if status is None or str(getattr(m.status, "name", m.status)) == status]
 
 
-def trial_results(storage: Path, sweep_id: str) -> dict[str, list[dict]]:
-    """Tune's own per-trial result log (result.json, one JSON object per reported epoch)."""
-    out: dict[str, list[dict]] = {}
-    for f in (storage / sweep_id).glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        if rows:
-            out[rows[0]["trial_id"]] = rows
-    return out
-
-
 def wait_for(cond, timeout: float, what: str, interval: float = 1.0, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -264,12 +262,12 @@ def _param_value(raw: str):
 def check_model(exp_id: str, run_id: str, x: np.ndarray) -> None:
     models = logged_models(exp_id, run_id, status=None)
     assert len(models) == 1, [m.model_id for m in models]
+    assert models[0].name == "model"
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.metadata.model_id == models[0].model_id
     pred = np.asarray(model.predict(x))
     assert pred.shape == (len(x),)
     assert set(np.unique(pred)) <= {0, 1}
-    same = np.asarray(mlflow.pyfunc.load_model(models[0].model_uri).predict(x))
-    np.testing.assert_array_equal(pred, same)
 
 
 def check_parent(c: MlflowClient, spec: SweepSpec, result, tmp_path: Path) -> None:
@@ -387,10 +385,8 @@ def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, fail_marker):
     check_child(c, spec, result, run, epochs=4)  # epochs 1..4, each exactly once
     assert len(logged_models(result.experiment_id, run.info.run_id, status=None)) == 1
 
-    # It resumed at epoch 2 instead of starting over: Tune saw epochs 1, 2, 3, 4 once each, and the
+    # It resumed at epoch 2 instead of starting over: epoch 1 was logged once (above), and the
     # restart (a new worker process) sits between epoch 1 and epoch 2 in the MLflow history.
-    tune_rows = trial_results(tmp_path / "tune", result.sweep_id)[failed_trial]
-    assert [int(r["epoch"]) for r in tune_rows if "epoch" in r] == [1, 2, 3, 4]
     ts = [m.timestamp for m in history(c, run.info.run_id)]
     gaps = np.diff(ts)
     assert gaps[0] == max(gaps), ts
@@ -425,7 +421,10 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path):
     (tmp_path / "spec.yaml").write_text(spec.to_yaml())
     (tmp_path / "driver.py").write_text(DRIVER.format(root=str(ROOT), spec=str(tmp_path / "spec.yaml"),
                                                       uri=uri, storage=str(storage), sweep_id=sweep_id))
-    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS")}
+    # The driver joins this module's Ray cluster (as a Ray Job's driver would): killing it ends
+    # its job, and Ray then kills the job's trial actors.
+    env = {k: v for k, v in os.environ.items() if k != FAIL_ONCE_ENV}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -439,8 +438,12 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies without any cleanup
         proc.wait(timeout=30)
     finally:
-        _kill_group(proc, signal.SIGKILL, grace=5)  # and so does its local Ray
+        _kill_group(proc, signal.SIGKILL, grace=5)
         log.close()
+    # Ray ends the dead driver's trial actors; wait until their CPUs are free again.
+    t_kill = time.time()
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "the killed job's trials to end")
+    print(f"[resume] CPUs free {time.time() - t_kill:.1f} s after the kill")
 
     done_before = {r.info.run_id: r for r in c.search_runs([exp_id], filter_string=flt)}
     assert done_before
@@ -451,6 +454,7 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path):
     seen = []
     result = run_sweep(spec, uri, str(storage), sweep_id=sweep_id, num_cpus=2,
                        on_progress=lambda p: seen.append(p.as_dict()))
+    print(f"[resume] resumed sweep took {result.seconds:.1f} s")
     assert result.state == "succeeded", (result.trial_status, _tail(tmp_path / "driver.log"))
     assert result.trial_status == {"completed": 3}
     runs = children(c, result.experiment_id, result.parent_run_id)

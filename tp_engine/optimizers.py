@@ -60,19 +60,18 @@ class Optimizer:
                 lr_t = c.lr * B.sqrt(1.0 - c.beta2**self.t) / (1.0 - c.beta1**self.t)
                 B.assign(p, p - lr_t * m / (B.sqrt(v) + self.eps))
                 continue
-            if c.name == "sgd":
-                step = c.lr * g
-            else:
-                ms = self.slots["ms"][i]
-                B.assign(ms, c.rho * ms + (1.0 - c.rho) * g * g)
-                denom = ms + self.eps
-                if c.name == "rmsprop_centered":
-                    mg = self.slots["mg"][i]
-                    B.assign(mg, c.rho * mg + (1.0 - c.rho) * g)
-                    denom = denom - mg * mg
-                step = c.lr * g / B.sqrt(denom)
-            if "mom" in self.slots:
+            if c.name == "sgd":  # slot holds m*slot + g (TensorFlow's convention)
                 mom = self.slots["mom"][i]
-                B.assign(mom, c.momentum * mom + step)
-                step = mom
-            B.assign(p, p - step)
+                B.assign(mom, c.momentum * mom + g)
+                B.assign(p, p - c.lr * mom)
+                continue
+            ms = self.slots["ms"][i]
+            B.assign(ms, c.rho * ms + (1.0 - c.rho) * g * g)
+            denom = ms + self.eps
+            if c.name == "rmsprop_centered":
+                mg = self.slots["mg"][i]
+                B.assign(mg, c.rho * mg + (1.0 - c.rho) * g)
+                denom = denom - mg * mg
+            mom = self.slots["mom"][i]  # m*mom + lr*g/sqrt(denom) (TensorFlow's convention)
+            B.assign(mom, c.momentum * mom + c.lr * g / B.sqrt(denom))
+            B.assign(p, p - mom)

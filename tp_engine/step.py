@@ -56,7 +56,7 @@ class Engine:
         per-example gradient, which makes their local gradients equal backprop's exactly."""
         B, net, cfg = self.B, self.net, self.cfg
         rule = rule or self.rule
-        n = fwd.hs[0].shape[0]
+        n = B.rows(fwd.hs[0])
         exact = 0.5
         step = cfg.alpha / n if rule.uses_alpha else exact
         top = self.top if rule is self.rule else net.L  # the bp reference always starts at the output
@@ -80,7 +80,7 @@ class Engine:
         """Gradients of the local loss mean_batch |s(h_{l-1} W_l + b_l) - t_l|^2 w.r.t. W_l, b_l."""
         B, net = self.B, self.net
         h_in, act = fwd.hs[l - 1], net.layer_act(l)
-        n = h_in.shape[0]
+        n = B.rows(h_in)
 
         def loss_fn(params):
             W, b = params
@@ -98,7 +98,7 @@ class Engine:
         B, net = self.B, self.net
         xc = fwd.hs[l - 1] + noise
         z = net.layer_act(l).f(B, B.matmul(xc, net.W[l]) + net.b[l])
-        n = xc.shape[0]
+        n = B.rows(xc)
 
         def loss_fn(params):
             V, c = params
@@ -161,7 +161,7 @@ class Engine:
             out[f"norm_rule/{l}"] = B.sqrt(B.sum(g_rule * g_rule))
             out[f"norm_bp/{l}"] = B.sqrt(B.sum(g_bp * g_bp))
             d = fwd.hs[l] - t[l]
-            out[f"local_loss/{l}"] = B.sum(d * d) / x.shape[0]
+            out[f"local_loss/{l}"] = B.sum(d * d) / B.rows(x)
         for l, e in zip(net.inverse_layers, noise):
             out[f"inverse_loss/{l}"] = self.inverse_grads(fwd, l, e)[1]
         out["loss"] = B.mean(self.loss.value(B, fwd.hs[net.L], y))

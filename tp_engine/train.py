@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             acc = f" valid_acc {m['valid_accuracy']:.4f}" if "valid_accuracy" in m else ""
             angles = [v for k, v in m.items() if k.startswith("angle_bp/")]
             console.print(
-                f"[{cfg.rule}/{cfg.backend}] epoch {int(m['epoch'])}/{cfg.epochs} "
+                f"\\[{cfg.rule}/{cfg.backend}] epoch {int(m['epoch'])}/{cfg.epochs} "
                 f"train_loss {m['train_loss']:.4f} valid_loss {m['valid_loss']:.4f}{acc} "
                 f"angle_bp(mean) {np.mean(angles):.1f}° {m['seconds_per_epoch']:.1f}s"
             )

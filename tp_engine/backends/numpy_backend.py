@@ -36,6 +36,11 @@ class NumpyBackend:
         return np.linalg.solve(a, b)
 
     @staticmethod
+    def rows(x):
+        """Number of rows, as a number usable in arithmetic."""
+        return x.shape[0]
+
+    @staticmethod
     def eye(n):
         return np.eye(n, dtype=F32)
 

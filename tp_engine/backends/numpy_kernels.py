@@ -13,12 +13,10 @@ import numpy as np
 
 @numba.njit(cache=True, fastmath=False)
 def sgd(p, g, mom, lr, momentum, scale):
+    # TensorFlow's momentum slot convention: accum = m*accum + g; p -= lr*accum.
     for i in range(p.size):
-        s = lr * g[i] * scale
-        if momentum > 0.0:
-            mom[i] = momentum * mom[i] + s
-            s = mom[i]
-        p[i] -= s
+        mom[i] = momentum * mom[i] + g[i] * scale
+        p[i] -= lr * mom[i]
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -71,7 +69,7 @@ def optimizer_step(name: str, p: np.ndarray, g: np.ndarray, slots: dict, hp: dic
     f32 = np.float32
     mom = flat(slots["mom"]) if "mom" in slots else _EMPTY
     if name == "sgd":
-        sgd(flat(p), flat(g), mom, f32(hp["lr"]), f32(hp["momentum"] if "mom" in slots else 0.0), f32(scale))
+        sgd(flat(p), flat(g), mom, f32(hp["lr"]), f32(hp["momentum"]), f32(scale))
     elif name == "rmsprop_centered" and "mom" in slots:
         rmsprop_centered_momentum(
             flat(p), flat(g), flat(slots["ms"]), flat(slots["mg"]), mom, f32(hp["lr"]), f32(hp["rho"]),

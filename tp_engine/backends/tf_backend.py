@@ -86,6 +86,10 @@ class TensorflowBackend:
     def solve(self, a, b):
         return self.tf.linalg.solve(a, b)
 
+    def rows(self, x):
+        # Dynamic: a retraced step may see the batch dimension as None.
+        return self.tf.cast(self.tf.shape(x)[0], self.tf.float32)
+
     def eye(self, n):
         return self.tf.eye(n, dtype=self.tf.float32)
 
@@ -159,7 +163,7 @@ class TensorflowBackend:
             g = tf.clip_by_norm(g, hp["clip_norm"])
         lr = tf.constant(hp["lr"], tf.float32)
         if name == "sgd":
-            # accum = m*accum + g; var -= lr*accum  ==  mom = m*mom + lr*g; var -= mom (lr fixed)
+            # accum = m*accum + g; var -= lr*accum
             raw.ResourceApplyMomentum(var=p.handle, accum=slots["mom"].handle, lr=lr, grad=g,
                                       momentum=tf.constant(hp["momentum"], tf.float32))
         elif name in ("rmsprop", "rmsprop_centered"):
