@@ -36,11 +36,12 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
 from service.queue import SweepQueue, SweepState
 from service.settings import Settings
-from service.views import SweepList, SweepView, ViewBuilder, n_trials_of
+from service.views import SweepList, SweepView, ViewBuilder
 from worker.spec import DOCUMENT, MAX_SPEC_BYTES, SpecError, SweepSpec
 
 log = logging.getLogger("service.api")
@@ -196,6 +197,12 @@ def create_app(
     @app.exception_handler(_Unprocessable)
     async def _on_unprocessable(request: Request, exc: _Unprocessable):
         return JSONResponse(status_code=422, content={"detail": exc.errors})
+
+    @app.exception_handler(sa_exc.OperationalError)
+    async def _on_database_down(request: Request, exc: sa_exc.OperationalError):
+        log.error("queue database error: %s", exc)
+        return JSONResponse(status_code=503, content={"detail": "the queue database is unavailable: "
+                                                                + " ".join(str(exc.orig).split())[:300]})
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):

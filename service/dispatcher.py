@@ -184,7 +184,7 @@ class Dispatcher:
         try:
             return self.client().get_job_info(sub_id)
         except RuntimeError as e:
-            if "404" in str(e) or "does not exist" in str(e):
+            if _status_code(e) == 404 or "does not exist" in str(e):
                 return None
             raise RayUnavailable(f"get_job_info({sub_id}): {_one_line(e)}{_auth_hint(e)}") from None
         except Exception as e:  # requests' connection errors and the like

@@ -129,9 +129,10 @@ class Cluster:
             time.sleep(0.2)
         raise AssertionError(f"service pid {pid} survived SIGKILL")
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int | None = 6000) -> str:
         p = self.state_dir / "logs" / f"{name}.log"
-        return p.read_text()[-6000:] if p.exists() else ""
+        text = p.read_text() if p.exists() else ""
+        return text[-tail:] if tail else text
 
 
 @pytest.fixture(scope="module")
@@ -399,9 +400,11 @@ def test_service_killed_mid_sweep_adopts_then_resumes(cluster, tmp_path):
     client = jobs(cluster)
     assert client.get_job_status(sweep_id) == "RUNNING"
 
-    # 2. SIGKILL it again, and stop the job from outside while the service is down (as if the
-    # driver had been lost). On restart the dispatcher resubmits the sweep as <id>-r2: it resumes
+    # 2. SIGKILL it again, and while the service is down make its job vanish, as a restarted
+    # cluster would (stop it: Tune saves its state on SIGINT; then delete it from Ray's job table).
+    # On restart the dispatcher finds no such job and resubmits the sweep as <id>-r2: it resumes
     # from Tune's storage, finished trials stay finished, and MLflow child runs are reused.
+    # (A job left STOPPED without a cancel request takes the same resubmit path.)
     cluster.kill_service()
     client.stop_job(sweep_id)
     deadline = time.monotonic() + 120
@@ -409,8 +412,12 @@ def test_service_killed_mid_sweep_adopts_then_resumes(cluster, tmp_path):
         assert time.monotonic() < deadline, "the Ray job did not stop"
         time.sleep(1)
     assert client.get_job_status(sweep_id) == "STOPPED"
+    assert client.delete_job(sweep_id)
+    with pytest.raises(RuntimeError, match="does not exist"):
+        client.get_job_info(sweep_id)
     cluster.up()
     v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 420, "the resumed sweep to succeed")
+    assert f"Ray job {sweep_id} does not exist" in cluster.log("service", tail=None)
     assert v["attempts"] == 2
     assert client.get_job_status(f"{sweep_id}-r2") == "SUCCEEDED"
     assert v["progress"]["done"] == 4 and v["result"]["state"] == "succeeded"

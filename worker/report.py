@@ -38,6 +38,7 @@ class TrialRow:
 class Comparison:
     metric: str
     mode: str
+    published: dict[str, Any] | None = None  # {"source", "metric", "values": {rule: value}}
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per rule
     trials: list[TrialRow] = field(default_factory=list)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # rule -> {epoch, mean, lo, hi}
@@ -46,14 +47,26 @@ class Comparison:
     def to_markdown(self) -> str:
         cols = ["rule", "trials", "seeds", "best config", f"{self.metric} (mean ± std)",
                 "test acc @ best valid (mean ± std)", "best trial", "epochs", "s/epoch", "wall s", "statuses"]
+        pub = self.published
+        if pub:
+            cols[6:6] = ["test error (ours)", f"published {pub['metric'].replace('_', ' ')}"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:
-            lines.append("| " + " | ".join([
+            cells = [
                 f"`{r['rule']}`", str(r["trials"]), str(r["seeds"]), r["best_config"] or "(defaults)",
                 _pm(r["metric_mean"], r["metric_std"]), _pm(r["test_mean"], r["test_std"]),
                 _num(r["best_trial_metric"]), _num(r["epochs"], 0), _num(r["seconds_per_epoch"], 2),
                 _num(r["wall_seconds"], 0), r["statuses"],
-            ]) + " |")
+            ]
+            if pub:
+                ours = "–" if r["test_mean"] is None else f"{100 * (1 - r['test_mean']):.2f}% ± {100 * (r['test_std'] or 0):.2f}"
+                ref = pub["values"].get(r["rule"])
+                ref_s = "–" if ref is None else (f"{100 * ref:.2f}%" if pub["metric"] == "test_error" else f"{ref:.4f}")
+                cells[6:6] = [ours, ref_s]
+            lines.append("| " + " | ".join(cells) + " |")
+        if pub:
+            lines.append(f"\nPublished figures: {pub['source']}. Test error is read at each trial's epoch of best "
+                         "validation accuracy.")
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -87,14 +100,15 @@ def child_runs(c: MlflowClient, exp_id: str, parent_run_id: str):
 
 
 def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "valid_accuracy",
-            mode: str = "max", swept: list[str] | None = None) -> Comparison:
+            mode: str = "max", swept: list[str] | None = None,
+            published: dict[str, Any] | None = None) -> Comparison:
     """Gather the child runs of a sweep and compare the rules.
 
     Per rule, trials are grouped by configuration (all params but the seed); the configuration with
     the best mean ``metric`` over seeds is the rule's entry. Selection uses the validation metric
     only; the test accuracy shown is each trial's test accuracy at its best validation epoch."""
     swept = [p for p in (swept or []) if p != "rule"]
-    cmp = Comparison(metric, mode)
+    cmp = Comparison(metric, mode, published)
     for run in child_runs(c, exp_id, parent_run_id):
         p, t, m = run.data.params, run.data.tags, run.data.metrics
         key = json.dumps({k: v for k, v in sorted(p.items()) if k not in _NOT_CONFIG})

@@ -486,6 +486,14 @@ class FailureConfig(BaseModel):
 # The spec
 
 
+class Published(BaseModel):
+    model_config = _STRICT
+
+    source: str = Field(min_length=1, max_length=500)
+    metric: Literal["test_error", "test_accuracy"] = "test_error"
+    values: dict[Literal["bp", "lstp", "rlstp", "dtp"], float] = Field(min_length=1)
+
+
 class SweepSpec(BaseModel):
     """A validated sweep. Build it with :func:`load_spec`, ``from_yaml``, ``from_file`` or
     ``from_dict`` (all raise :class:`SpecError`); ``model_validate`` raises Pydantic's error."""
@@ -504,6 +512,8 @@ class SweepSpec(BaseModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     priority: int = 0  # higher runs first in the queue
+    # Published figures to print beside ours in the comparison, e.g. a paper's test error per rule.
+    published: "Published | None" = None
 
     # ---- validation -------------------------------------------------------------------------
 

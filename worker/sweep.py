@@ -235,7 +235,8 @@ def run_sweep(
         state = "failed"
     else:
         state = "succeeded"
-    cmp = compare(c, exp_id, parent_id, spec.search.metric, spec.search.mode, list(spec.parameters))
+    cmp = compare(c, exp_id, parent_id, spec.search.metric, spec.search.mode, list(spec.parameters),
+                  spec.published.model_dump() if spec.published else None)
     artifacts = [str(p) for p in publish(c, parent_id, cmp, Path(exp_path) / "comparison")]
     for k, v in trial_status.items():
         c.log_metric(parent_id, f"trials/{k}", v)

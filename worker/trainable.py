@@ -70,8 +70,11 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         last = {k: v for k, v in prior.data.metrics.items() if not k.startswith("final/")}
         tune.report({**last, "epoch": prior.data.metrics.get("final/epochs", 0), "status": settled, "rule": cfg.rule})
         return
-    run_id, _ = tracking.child_run(c, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
-                                   tags, cfg.flat(), name)
+    run_id, created = tracking.child_run(c, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
+                                         tags, cfg.flat(), name)
+    # Epochs a killed attempt logged after its last checkpoint are rerun (with the same result: the
+    # per-epoch random streams come from the seed) but not logged twice.
+    logged = set() if created else {m.step for m in c.get_metric_history(run_id, "seconds_per_epoch")}
 
     meta, state = _load_checkpoint()
     start_epoch = int(meta["epoch"]) if meta else 0
@@ -85,7 +88,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         if marker and epoch == 2 and not os.path.exists(marker):
             Path(marker).write_text(trial_id)
             raise RuntimeError("injected failure (TP_FAIL_ONCE_MARKER)")
-        tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
+        if epoch not in logged:
+            tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
         history.append(m)
         if epoch >= cfg.epochs:
             # Reported once the run is finalized: a scheduler may stop the trial at any report,
