@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tp_engine.config import RULE_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the editable install may not map the packages yet
     sys.path.insert(0, str(ROOT))
@@ -378,7 +380,7 @@ def test_trial_config_applies_per_rule_defaults():
     assert dtp.inverse_optimizer.lr == pytest.approx(0.00501)
     assert dtp.epochs == 5 and dtp.seed == 2
     bp = spec.trial_config({"rule": "bp"})
-    assert bp.optimizer.lr == pytest.approx(0.0005) and bp.alpha == 1.0
+    assert bp.optimizer.lr == pytest.approx(RULE_DEFAULTS["bp"]["optimizer"]["lr"]) and bp.alpha == 1.0
     overridden = spec.trial_config({"rule": "dtp", "optimizer.lr": 0.003, "rinv_steps": 3})
     assert overridden.optimizer.lr == 0.003 and overridden.rinv_steps == 3
     assert overridden.optimizer.name == "rmsprop_centered"  # the rest of the rule's optimizer stays
