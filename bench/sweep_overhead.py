@@ -121,14 +121,30 @@ def run_tune(spec, workdir: Path) -> dict:
         ray.shutdown()
     runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
                          max_results=1000)
-    train_s, run_s = [], []
+    train_s, run_s, setup_s, per_epoch_s, finalize_s = [], [], [], [], []
     for r in runs:
-        train_s.append(sum(m.value for m in c.get_metric_history(r.info.run_id, "seconds_per_epoch")))
-        if r.info.end_time and r.info.start_time:
-            run_s.append((r.info.end_time - r.info.start_time) / 1000)
+        hist = sorted(c.get_metric_history(r.info.run_id, "seconds_per_epoch"), key=lambda m: m.step)
+        train_s.append(sum(m.value for m in hist))
+        if not (hist and r.info.end_time and r.info.start_time):
+            continue
+        run_s.append((r.info.end_time - r.info.start_time) / 1000)
+        # Where a trial's time goes, from the MLflow timestamps (ms) of its per-epoch metrics:
+        # child run created -> epoch 1 logged (less its training) is setup (data, run, params);
+        # between epochs, what is not training is per-epoch reporting (MLflow, checkpoint, Tune);
+        # last epoch -> run ended is the epilogue (final metrics, model).
+        setup_s.append((hist[0].timestamp - r.info.start_time) / 1000 - hist[0].value)
+        if len(hist) > 1:
+            between = (hist[-1].timestamp - hist[0].timestamp) / 1000 - sum(m.value for m in hist[1:])
+            per_epoch_s.append(between / (len(hist) - 1))
+        finalize_s.append((r.info.end_time - hist[-1].timestamp) / 1000)
     return {"wall": wall, "ray_init": ray_init_s, "state": result.state, "trial_status": result.trial_status,
             "n_runs": len(runs), "train_s": sum(train_s), "per_trial_train_s": train_s,
-            "mlflow_run_s": run_s}
+            "mlflow_run_s": run_s, "setup_s": setup_s, "per_epoch_report_s": per_epoch_s,
+            "finalize_s": finalize_s}
+
+
+def _mean(xs: list[float], digits: int = 2) -> float | None:
+    return round(statistics.fmean(xs), digits) if xs else None
 
 
 def run_sequential(spec) -> dict:
@@ -185,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         "in_trial_train_s_tune": round(tune["train_s"], 2),
         "in_trial_train_s_sequential": round(seq["train_s"], 2),
         "mean_trial_train_s_tune": round(tune["train_s"] / N_TRIALS, 2),
-        "mean_mlflow_run_s": round(statistics.fmean(tune["mlflow_run_s"]), 2) if tune["mlflow_run_s"] else None,
+        # Breakdown of a trial under Tune (means): its MLflow child run's lifetime, split into setup,
+        # training, per-epoch reporting and epilogue; and the rest of a trial slot, outside the run
+        # (worker process start, imports, Tune scheduling).
+        "mean_mlflow_run_s": _mean(tune["mlflow_run_s"]),
+        "mean_trial_setup_s": _mean(tune["setup_s"]),
+        "mean_report_per_epoch_s": _mean(tune["per_epoch_report_s"], 3),
+        "mean_trial_epilogue_s": _mean(tune["finalize_s"]),
+        "mean_outside_run_s": round((tune["wall"] * concurrency - sum(tune["mlflow_run_s"])) / N_TRIALS, 2),
         "sequential_overhead_per_trial_s": round(max(0.0, (seq["wall"] - seq["train_s"]) / N_TRIALS), 3),
         "concurrency": concurrency,
         "overhead_per_trial_s": round(max(0.0, overhead), 2),

@@ -16,7 +16,8 @@ Every tick (``poll_interval`` seconds, or at once when woken by the API):
 
    * SUCCEEDED -> succeeded
    * FAILED -> failed (error = Ray's message and the tail of the job's logs); cancelled if a
-     cancel was requested
+     cancel was requested; resubmitted (as below) if Ray says the job's supervisor actor died
+     (the job was lost with its node, not failed by itself)
    * STOPPED with a cancel request -> cancelled, once no actor of the job is alive any more
      (waits up to ``cancel_settle_s``; the error field notes any that outlived that)
    * STOPPED without a cancel request (someone or something stopped it: the service or the
@@ -68,6 +69,8 @@ log = logging.getLogger("service.dispatcher")
 ENTRYPOINT = "python -m worker.job {sweep_id}"
 # Variables of the service's environment passed on to the job when set (trials inherit them).
 PASS_THROUGH_ENV = ("TP_FAIL_ONCE_MARKER", "TF_CPP_MIN_LOG_LEVEL")
+# Ray job error types that say the job was lost rather than that the sweep failed: resubmitted.
+INFRA_ERRORS = frozenset({"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"})
 
 
 def submission_id(sweep_id: str, attempt: int) -> str:
@@ -304,8 +307,13 @@ class Dispatcher:
         if status == "SUCCEEDED":
             self._finish(rec, SweepState.SUCCEEDED, None)
         elif status == "FAILED":
+            error_type = str(getattr(info.error_type, "value", info.error_type) or "")
             if rec.cancel_requested:
                 self._finish(rec, SweepState.CANCELLED, None)
+            elif error_type in INFRA_ERRORS:
+                # Not the sweep's fault (the supervisor, and with it the driver, was lost, e.g. with
+                # its node): run it again; it resumes.
+                self._resubmit(rec, f"Ray job {sub_id} failed: {error_type}: {_one_line(info.message or '')}")
             else:
                 self._finish(rec, SweepState.FAILED, self._failure_text(sub_id, info))
         elif status == "STOPPED":

@@ -50,7 +50,7 @@ class Settings:
 
 def load() -> Settings:
     from service.queue import default_queue_url
-    from worker.tracking import default_tracking_uri
+    from worker.paths import default_tracking_uri
 
     return Settings(
         tracking_uri=default_tracking_uri(),

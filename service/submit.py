@@ -111,6 +111,60 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+# -- service mode ----------------------------------------------------------------------------------
+def submit_remote(url: str, spec_text: str, args) -> int:
+    """Send the spec to the API; with --wait, follow the sweep until it ends."""
+    from service.client import ServiceError, SweepClient
+    from service.settings import load
+
+    console = _console()
+    try:
+        with SweepClient.from_settings(load(), url) as client:
+            view = client.submit(spec_text, priority=args.priority)
+            console.print(f"queued sweep [bold]{view.id}[/] ({view.name}, {view.n_trials} trials) at {url}")
+            if not args.wait:
+                if args.json:
+                    print(json.dumps({"sweep_id": view.id, "state": view.state, "experiment_name": view.name}))
+                return EXIT_OK
+            view = _follow(client, view, console)
+    except ServiceError as e:
+        if e.detail and isinstance(e.detail, list):
+            for d in e.detail:
+                print(f"error: {d.get('path')}: {d.get('reason')}", file=sys.stderr)
+        else:
+            _err(str(e))
+        return EXIT_INPUT if e.is_bad_input else EXIT_FAIL
+    except KeyboardInterrupt:
+        console.print(f"stopped following; the sweep goes on. Follow it with: python -m service.status {view.id}")
+        return EXIT_INTERRUPTED
+    result = view.result or {}
+    if result.get("table"):
+        console.print(comparison_table(result["table"]))
+    console.print(f"sweep [bold]{view.id}[/]: {view.state}" + (f" ({view.error})" if view.error else ""))
+    if view.mlflow_tracking_uri:
+        console.print(f"MLflow: {view.mlflow_tracking_uri}, experiment '{view.name}', parent run {view.mlflow_parent_run_id}")
+    if args.json:
+        print(json.dumps({"sweep_id": view.id, "state": view.state, "experiment_name": view.name,
+                          "experiment_id": view.mlflow_experiment_id, "parent_run_id": view.mlflow_parent_run_id,
+                          "tracking_uri": view.mlflow_tracking_uri, "trial_status": result.get("trial_status"),
+                          "table": result.get("table", [])}, default=str))
+    return EXIT_OK if view.state == "succeeded" else EXIT_FAIL
+
+
+def _follow(client, view, console, poll_s: float = 2.0):
+    from rich.live import Live
+
+    with Live(console=console, refresh_per_second=2) as live:
+        while not view.is_terminal:
+            p = view.progress or {}
+            best = "  ".join(f"{r} {v:.4f}" for r, v in sorted((p.get("best") or {}).items()))
+            live.update(f"[bold]{view.id}[/] {view.state}: {p.get('done', 0)}/{view.n_trials or p.get('total', '?')} done, "
+                        f"{p.get('running', 0)} running  {best}")
+            time.sleep(poll_s)
+            view = client.get(view.id)
+    return view
+
+
 # -- embedded ------------------------------------------------------------------------------------
 def submit_embedded(spec, spec_text: str | None, args) -> int:
     from service.queue import SweepQueue, SweepState

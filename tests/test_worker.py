@@ -368,8 +368,10 @@ def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, fail_marker):
     """)
     uri = sqlite_store(tmp_path, spec)
     fail_marker.unlink()  # arm: the first trial to reach epoch 2 raises once
+    seen = []
     try:
-        result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2)
+        result = run_sweep(spec, uri, str(tmp_path / "tune"), num_cpus=2,
+                           on_progress=lambda p: seen.append(p.as_dict()))
     finally:
         failed_trial = fail_marker.read_text() if fail_marker.exists() else None
         fail_marker.write_text("disarmed")
@@ -385,8 +387,10 @@ def test_failed_trial_is_retried_from_its_checkpoint(tmp_path, fail_marker):
     check_child(c, spec, result, run, epochs=4)  # epochs 1..4, each exactly once
     assert len(logged_models(result.experiment_id, run.info.run_id, status=None)) == 1
 
-    # It resumed at epoch 2 instead of starting over: epoch 1 was logged once (above), and the
+    # It resumed at epoch 2 instead of starting over: Tune got 4 epoch reports in all (epoch 1,
+    # then 2, 3 and 4 from the retry; a restart would have reported epoch 1 again), and the
     # restart (a new worker process) sits between epoch 1 and epoch 2 in the MLflow history.
+    assert seen[-1]["epochs_reported"] == 4, seen[-1]
     ts = [m.timestamp for m in history(c, run.info.run_id)]
     gaps = np.diff(ts)
     assert gaps[0] == max(gaps), ts

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     res = run_sweep(spec, tracking_uri, str(data_dir() / "tune"), sweep_id=sweep_id,
                     on_progress=on_progress, on_start=on_start)
+    if res.progress:
+        write_json(d / "progress.json", res.progress)
     write_json(d / "result.json", res.as_dict())
     print(res.table_markdown)
     print(f"sweep {sweep_id}: {res.state} {res.trial_status}")

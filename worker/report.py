@@ -177,8 +177,11 @@ def _curve(c: MlflowClient, trials: list[TrialRow], metric: str) -> dict[str, li
     key = "valid_accuracy" if any("valid_accuracy" in t.metrics for t in trials) else "valid_loss"
     per_epoch: dict[int, list[float]] = defaultdict(list)
     for tr in trials:
-        for m in c.get_metric_history(tr.run_id, key):
-            per_epoch[int(m.step)].append(m.value)
+        # A trial resumed from its checkpoint may have logged the interrupted epoch twice; the
+        # later value is the one its training continued from.
+        last = {int(m.step): m.value for m in sorted(c.get_metric_history(tr.run_id, key), key=lambda m: m.timestamp)}
+        for step, value in last.items():
+            per_epoch[step].append(value)
     epochs = sorted(per_epoch)
     out: dict[str, list[float]] = {"metric": key, "epoch": epochs, "mean": [], "lo": [], "hi": []}  # type: ignore[dict-item]
     for e in epochs:

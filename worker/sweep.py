@@ -57,6 +57,7 @@ class SweepResult:
     artifacts: list[str]
     storage_path: str
     seconds: float
+    progress: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,6 +246,8 @@ def run_sweep(
     return SweepResult(
         sweep_id, state, exp_id, spec.name, parent_id, tracking_uri, spec.n_trials(), trial_status,
         cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
+        {**progress.as_dict(), "done": sum(trial_status.get(k, 0) for k in ("completed", "diverged", "early_stopped", "failed")),
+         "running": 0, "pending": unfinished},
     )
 
 

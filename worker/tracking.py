@@ -10,15 +10,12 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from worker.paths import default_tracking_uri  # noqa: F401  (re-exported)
+
 TAG_SWEEP = "sweep_id"
 TAG_TRIAL = "trial_id"
 TAG_KIND = "tp.kind"  # "sweep" (parent) or "trial" (child)
 TAG_STATUS = "status"  # completed | early_stopped | diverged | failed | running
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the embedded default: sqlite:///<cwd>/mlflow.db."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
 def client(tracking_uri: str) -> MlflowClient:

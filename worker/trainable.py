@@ -111,7 +111,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     s = res.summary
     final = {f"final/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(c, run_id, final, step=len(res.history))
-    _log_artifacts(c, run_id, res, ds, cfg)
+    # A resumed attempt keeps a model an attempt killed during this epilogue already logged (the
+    # same weights: the rerun epochs are deterministic) instead of logging a second one.
+    _log_artifacts(c, run_id, res, ds, cfg, with_model=created or not _has_model(ctx.experiment_id, run_id))
     c.set_terminated(run_id, "FINISHED")
     c.set_tag(run_id, tracking.TAG_STATUS, res.status)
     # The trial's last act: after this report Tune may stop it.
@@ -121,14 +123,23 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         report(res.history[-1] if res.history else {}, res.status)
 
 
-def _log_artifacts(c, run_id: str, res, ds, cfg) -> None:
+def _has_model(experiment_id: str, run_id: str) -> bool:
+    import mlflow
+
+    models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    return any(m.name == "model" and getattr(m.status, "name", str(m.status)) == "READY" for m in models)
+
+
+def _log_artifacts(c, run_id: str, res, ds, cfg, with_model: bool = True) -> None:
     """The model (an MLflow pyfunc) and, for autoencoders, a PNG of inputs beside reconstructions."""
     import mlflow
 
     from worker.mlflow_model import log_model
 
     with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
-        log_model(res.model, Path(d), ds.x_test[:5])
+        if with_model:
+            log_model(res.model, Path(d), ds.x_test[:5])
         mlflow.log_dict(res.summary, "summary.json")
         if cfg.mode == "autoencoder" and ds.image_shape is not None:
             mlflow.log_figure(reconstruction_grid(res.model, ds), "reconstructions.png")
