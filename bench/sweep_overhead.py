@@ -19,7 +19,7 @@ Usage::
 
     python bench/sweep_overhead.py                    # ~3 s trials (xor)
     python bench/sweep_overhead.py --trial-seconds 10
-    python bench/sweep_overhead.py --long             # trials of >= 30 s
+    python bench/sweep_overhead.py --long             # trials of >= 30 s (a 96-96 net)
     python bench/sweep_overhead.py --json             # only the JSON object on stdout
 
 The epochs per trial are calibrated in-process first, so that one trial trains for about
@@ -167,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="training time per trial to aim for (default 3)")
     p.add_argument("--long", action="store_true", help="trials of at least 30 s (--trial-seconds 30 or more)")
     p.add_argument("--dataset", default="xor", help="a synthetic dataset (default xor)")
-    p.add_argument("--hidden", default="32,32", help="hidden layer sizes, comma-separated (default 32,32)")
+    p.add_argument("--hidden", default=None,
+                   help="hidden layer sizes, comma-separated (default 32,32; with --long 96,96)")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     args = p.parse_args(argv)
     trial_seconds = max(args.trial_seconds, 30.0) if args.long else args.trial_seconds
-    hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
+    hidden = [int(h) for h in (args.hidden or ("96,96" if args.long else "32,32")).split(",") if h.strip()]
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
         epochs, spe = calibrate(args.dataset, hidden, trial_seconds)

@@ -40,7 +40,6 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
-FINAL_STATUSES = {"completed", "early_stopped", "diverged", "failed"}
 PARENT_ARTIFACTS = {
     "spec.yaml",
     "comparison/comparison.md",

@@ -110,7 +110,9 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
     swept = [p for p in (swept or []) if p != "rule"]
     cmp = Comparison(metric, mode, published)
     for run in child_runs(c, exp_id, parent_run_id):
-        p, t, m = run.data.params, run.data.tags, run.data.metrics
+        p, t, m = run.data.params, run.data.tags, dict(run.data.metrics)
+        if "final/epochs" not in m:
+            m.update(_summary_from_history(c, run.info.run_id))
         key = json.dumps({k: v for k, v in sorted(p.items()) if k not in _NOT_CONFIG})
         cmp.trials.append(TrialRow(
             run.info.run_id, t.get(tracking.TAG_TRIAL, ""), t.get("rule", p.get("rule", "?")),
@@ -164,6 +166,25 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
         cmp.curves[rule] = _curve(c, best_group, metric)
         cmp.angles[rule] = _angles(best_group)
     return cmp
+
+
+def _summary_from_history(c: MlflowClient, run_id: str) -> dict[str, float]:
+    """For a trial that has not finished (interrupted, or still running): the same summary
+    numbers the engine gives at the end, computed from its per-epoch history so far."""
+    hist = {}
+    for key in ("valid_accuracy", "test_accuracy", "seconds_per_epoch"):
+        hist[key] = {int(h.step): h.value for h in sorted(c.get_metric_history(run_id, key), key=lambda h: h.timestamp)}
+    out: dict[str, float] = {}
+    if hist["seconds_per_epoch"]:
+        out["final/epochs"] = float(len(hist["seconds_per_epoch"]))
+        out["final/seconds_per_epoch"] = statistics.median(hist["seconds_per_epoch"].values())
+    if hist["valid_accuracy"]:
+        best = max(hist["valid_accuracy"], key=lambda e: hist["valid_accuracy"][e])
+        out["final/best_valid_accuracy"] = hist["valid_accuracy"][best]
+        out["final/best_epoch"] = float(best)
+        if best in hist["test_accuracy"]:
+            out["final/test_accuracy_at_best_valid"] = hist["test_accuracy"][best]
+    return out
 
 
 def _final(tr: TrialRow, metric: str) -> float | None:
