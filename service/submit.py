@@ -237,7 +237,7 @@ def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
     except Exception as e:  # the sweep's own failure, not bad input
         queue.mark(sweep_id, SweepState.FAILED, error=f"{type(e).__name__}: {e}")
         raise
-    queue.update(sweep_id, progress={**display.progress_dict(), "result": _small(res.as_dict())})
+    queue.update(sweep_id, progress={**display.progress_dict(), **(res.progress or {}), "result": _small(res.as_dict())})
     if res.state == "interrupted":
         queue.mark(sweep_id, SweepState.QUEUED)
         console.print(f"[yellow]interrupted[/] ({res.trial_status}). "
