@@ -28,4 +28,12 @@ trap cleanup EXIT
 bash scripts/postgres.sh start >&2
 export TEST_POSTGRES_URL="$(bash scripts/postgres.sh url)"
 
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if (($#)); then
+    exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+fi
+# The cluster end-to-end tests get their own process: Ray reads its auth mode once per process,
+# and they talk to a token-protected cluster while other tests run token-free local Rays.
+rc=0
+.venv/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_e2e_cluster.py || rc=$?
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_e2e_cluster.py || rc=$?
+exit $rc
