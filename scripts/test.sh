@@ -29,7 +29,8 @@ bash scripts/postgres.sh start >&2
 export TEST_POSTGRES_URL="$(bash scripts/postgres.sh url)"
 
 if (($#)); then
-    exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+    .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+    exit $?
 fi
 # The cluster end-to-end tests get their own process: Ray reads its auth mode once per process,
 # and they talk to a token-protected cluster while other tests run token-free local Rays.
