@@ -110,12 +110,6 @@ class TrialConfig(BaseModel):
             raise ValueError("loss softmax_ce needs mode classification (autoencoder targets are pixels)")
         return self
 
-    @property
-    def resolved_loss(self) -> str:
-        if self.loss is not None:
-            return self.loss
-        return "softmax_ce" if self.mode == "classification" else "sigmoid_ce"
-
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values (lists as strings), for MLflow params."""
         return flatten(self.model_dump())

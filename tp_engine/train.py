@@ -136,8 +136,7 @@ def train(
 
     history = list(history or [])
     status = STATUS_COMPLETED
-    last_good = engine_state(engine)
-    checkpoint = last_good
+    checkpoint = engine_state(engine)  # also the last finite state, restored on divergence
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         # Per-epoch streams derived from the seed, so a resumed run draws what it would have.
@@ -204,12 +203,11 @@ def train(
             m[f"inverse_loss/{l}"] = d[f"inverse_loss/{l}"]
         history.append(m)
         checkpoint = engine_state(engine)
-        last_good = checkpoint
         if on_epoch is not None:
             on_epoch(dict(m), checkpoint)
 
     if status == STATUS_DIVERGED:
-        load_engine_state(engine, last_good)  # keep the last finite weights
+        load_engine_state(engine, checkpoint)  # keep the last finite weights
     summary = summarize(cfg, status, history)
     model = TrainedModel(cfg, engine.net.state(), loss, cfg.mode)
     return TrainResult(status, cfg, history, summary, model, checkpoint)

@@ -236,37 +236,34 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
         ax.plot(cv["epoch"], cv["mean"], marker="o", ms=3, label=rule)
         ax.fill_between(cv["epoch"], cv["lo"], cv["hi"], alpha=0.2)
     metric_name = next((cv["metric"] for cv in cmp.curves.values()), "valid_accuracy")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{metric_name} (mean ± std over seeds)")
-    ax.set_title("Validation curve per rule")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    p = outdir / "learning_curves.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_finish(fig, ax, outdir / "learning_curves.png", "epoch",
+                         f"{metric_name} (mean ± std over seeds)", "Validation curve per rule"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for rule, angles in cmp.angles.items():
         if angles:
             ax.plot(list(angles), list(angles.values()), marker="o", label=rule)
     ax.axhline(90, color="gray", ls="--", lw=0.8)
+    paths.append(_finish(fig, ax, outdir / "angle_bp.png", "layer", "angle to backprop update (degrees)",
+                         "Final angle to backprop per layer"))
+    return paths
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, save and close one plot (integer x ticks: epochs and layers)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("angle to backprop update (degrees)")
-    ax.set_title("Final angle to backprop per layer")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    p = outdir / "angle_bp.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths.append(p)
-    return paths
+    return path
 
 
 def publish(c: MlflowClient, parent_run_id: str, cmp: Comparison, outdir: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ray.tune import Callback
+
 from worker import tracking
 from worker.spec import SweepSpec
 
@@ -90,13 +92,7 @@ def _init_ray(num_cpus: int | None = None) -> None:
 _LISTENERS: dict[str, tuple[Progress, Callable[[Progress], None] | None]] = {}
 
 
-def _tune_callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class _ProgressCallback(_tune_callback_base()):
+class _ProgressCallback(Callback):
     def __init__(self, progress: Progress, metric: str, mode: str, key: str):
         self._progress, self.metric, self.mode, self.key = progress, metric, mode, key
 
