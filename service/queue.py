@@ -52,14 +52,15 @@ class SweepState(str, enum.Enum):
 
 TERMINAL = frozenset({SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED})
 
-# Allowed mark() transitions. Terminal states have no way out.
+# Allowed mark() transitions. Only a failed sweep leaves a terminal state: a retry puts it back
+# in line (Tune resumes its unfinished and errored trials from their checkpoints).
 _TRANSITIONS: dict[SweepState, frozenset[SweepState]] = {
     SweepState.QUEUED: frozenset({SweepState.RUNNING, SweepState.CANCELLED}),
     SweepState.RUNNING: frozenset(
         {SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED, SweepState.QUEUED}
     ),
     SweepState.SUCCEEDED: frozenset(),
-    SweepState.FAILED: frozenset(),
+    SweepState.FAILED: frozenset({SweepState.QUEUED}),
     SweepState.CANCELLED: frozenset(),
 }
 
@@ -296,6 +297,7 @@ class SweepQueue:
           priority and seq, so it goes back to its original place in line. If a
           cancel was requested meanwhile it becomes CANCELLED instead, so a
           requeue can never resurrect a sweep the user cancelled.
+        * failed -> queued (retry): as a requeue, and clears finished_at and error.
         ``error`` is stored when given (and left unchanged when None).
         """
         state = SweepState(state)
@@ -312,6 +314,8 @@ class SweepQueue:
                 values.update(self._enter_running())
             elif state is SweepState.QUEUED:
                 values["started_at"] = None
+                if current is SweepState.FAILED:
+                    values.update(finished_at=None, error=None)
             else:
                 values["finished_at"] = now
             if error is not None:

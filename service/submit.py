@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--wait", dest="wait", action="store_true", default=True, help="wait for the end (default)")
     w.add_argument("--no-wait", dest="wait", action="store_false", help="queue and return")
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
-    p.add_argument("--resume", metavar="SWEEP_ID", help="resume an interrupted embedded sweep")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="resume an interrupted (or retry a failed) embedded sweep")
     p.add_argument("--service", metavar="URL", help="API to submit to (default: $SWEEP_SERVICE_URL)")
     p.add_argument("--priority", type=int, help="override the spec's priority")
     p.add_argument("--num-cpus", type=int, help="embedded: CPUs of the local Ray (default: all)")
@@ -179,8 +179,13 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
         except KeyError:
             _err(f"no sweep {args.resume} in {st.db_url}")
             return EXIT_INPUT
+        if rec.state == SweepState.FAILED:
+            # Retrying a failed sweep keeps its finished trials; Tune reruns the rest from checkpoints.
+            console.print(f"[yellow]retrying failed sweep {rec.id}[/] (it failed with: {rec.error})")
+            rec = queue.mark(rec.id, SweepState.QUEUED)
         if rec.state != SweepState.QUEUED:
-            _err(f"sweep {rec.id} is {rec.state.value}; only an interrupted (queued) sweep can be resumed")
+            _err(f"sweep {rec.id} is {rec.state.value}; only an interrupted (queued) or failed sweep "
+                 "can be resumed")
             return EXIT_INPUT
         from worker.spec import load_spec
 

@@ -168,23 +168,12 @@ def cli(cluster: Cluster, *args: str, timeout: float = 300) -> subprocess.Comple
                           timeout=timeout)
 
 
-def _has_remote_submit() -> bool:
-    src = REPO / "service" / "submit.py"
-    return src.exists() and "def submit_remote" in src.read_text()
-
-
 def submit(cluster: Cluster, path: Path) -> str:
-    """Queue a spec through the lead's CLI in service mode (--no-wait), return the sweep id."""
-    if _has_remote_submit():
-        r = cli(cluster, "service.submit", str(path), "--service", cluster.service_url, "--no-wait", "--json")
-        assert r.returncode == 0, r.stderr
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-        return out.get("id") or out["sweep_id"]
-    # TODO: switch to `python -m service.submit` once its service mode (submit_remote) exists.
-    r = httpx.post(cluster.service_url + "/sweeps", content=path.read_text(),
-                   headers={"Content-Type": "application/x-yaml"}, timeout=60)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+    """Queue a spec through the CLI in service mode (--no-wait), return the sweep id."""
+    r = cli(cluster, "service.submit", str(path), "--service", cluster.service_url, "--no-wait", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out.get("id") or out["sweep_id"]
 
 
 def get(cluster: Cluster, sweep_id: str) -> dict:
@@ -277,21 +266,17 @@ def test_health(cluster):
 
 def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path, capsys):
     path = spec_file(tmp_path, "e2e-smoke", epochs=3)
-    waiting = None
-    if _has_remote_submit():
-        # The CLI's default: submit and wait for the end (run in the background while we watch).
-        waiting = subprocess.Popen([PY, "-m", "service.submit", str(path), "--service", cluster.service_url,
-                                    "--json"], cwd=REPO, env=cluster.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        sweep_id = None
-        while sweep_id is None and time.monotonic() < deadline:
-            listed = httpx.get(cluster.service_url + "/sweeps", timeout=30).json()["sweeps"]
-            sweep_id = next((s["id"] for s in listed if s["name"] == "e2e-smoke"), None)
-            time.sleep(0.5)
-        assert sweep_id, "the submit CLI did not queue the sweep"
-    else:
-        sweep_id = submit(cluster, path)
+    # The CLI's default: submit and wait for the end (run in the background while we watch).
+    waiting = subprocess.Popen([PY, "-m", "service.submit", str(path), "--service", cluster.service_url,
+                                "--json"], cwd=REPO, env=cluster.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    sweep_id = None
+    while sweep_id is None and time.monotonic() < deadline:
+        listed = httpx.get(cluster.service_url + "/sweeps", timeout=30).json()["sweeps"]
+        sweep_id = next((s["id"] for s in listed if s["name"] == "e2e-smoke"), None)
+        time.sleep(0.5)
+    assert sweep_id, "the submit CLI did not queue the sweep"
 
     nodes: set[str] = set()
     job_id: list[str] = []
@@ -311,10 +296,9 @@ def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path, 
     v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 420, "the sweep to succeed",
                  on_poll=watch_nodes)
     watch_nodes()
-    if waiting is not None:
-        out, err = waiting.communicate(timeout=120)
-        assert waiting.returncode == 0, err
-        assert sweep_id in out
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert sweep_id in out
 
     # Both Ray nodes ran trials (the trial actors' node ids; one host, two raylets).
     from ray.util.state import list_nodes

@@ -209,6 +209,16 @@ def test_requeue_keeps_place_and_counts_attempts(q):
     assert q.get(b.id).attempts == 0
 
 
+def test_retry_failed_clears_finish_and_error(q):
+    (a,) = _submit_n(q, 1)
+    q.claim_next()
+    q.mark(a.id, S.FAILED, error="driver crashed")
+    rec = q.mark(a.id, S.QUEUED)
+    assert rec.state is S.QUEUED and rec.finished_at is None and rec.error is None
+    again = q.claim_next(max_running=1)
+    assert again.id == a.id and again.attempts == 2
+
+
 def test_terminal_sets_finished_at_and_error(q):
     (a,) = _submit_n(q, 1)
     q.claim_next()
@@ -226,6 +236,7 @@ ALLOWED = {
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.CANCELLED),
     (S.RUNNING, S.QUEUED),
+    (S.FAILED, S.QUEUED),
 }
 
 

@@ -561,3 +561,27 @@ def test_asha_early_stopping(tmp_path):
 
 def test_smoke_sweep_mlflow_server(tmp_path, mlflow_server):
     _smoke(mlflow_server, tmp_path, [0])  # one seed: the sqlite run covers the seeds
+
+
+def test_progress_callback_pickled_by_an_older_version_finds_the_running_sweep():
+    """A resumed sweep runs with the callback Tune pickled on its first run. One pickled before the
+    callback was keyed by sweep id (progress stored as ``progress``, a random key) must still
+    report to the run_sweep call now resuming it, not crash the driver."""
+    import pickle
+
+    from worker import sweep as sw
+
+    old = sw._ProgressCallback.__new__(sw._ProgressCallback)
+    old.__dict__.update(progress=sw.Progress(total=6), metric="valid_accuracy", mode="max",
+                        key="0cb37093")
+    restored = pickle.loads(pickle.dumps(old))
+    seen = []
+    live = sw._progress_callback(sw.Progress(total=6), "valid_accuracy", "max", seen.append,
+                                 "sw-resumed")
+    try:
+        restored.on_trial_result(0, [], None, {"rule": "bp", "valid_accuracy": 0.5})
+        assert restored.progress is live.progress
+        assert live.progress.best == {"bp": 0.5} and live.progress.epochs_reported == 1
+        assert seen and seen[-1] is live.progress
+    finally:
+        sw._LISTENERS.pop("sw-resumed", None)

@@ -96,9 +96,22 @@ class _ProgressCallback(Callback):
     def __init__(self, progress: Progress, metric: str, mode: str, key: str):
         self._progress, self.metric, self.mode, self.key = progress, metric, mode, key
 
+    def __setstate__(self, state):
+        # Sweeps first run by an older version pickled the progress under another name.
+        state.setdefault("_progress", state.pop("progress", None))
+        self.__dict__.update(state)
+
+    def _entry(self):
+        entry = _LISTENERS.get(self.key)
+        if entry is None and len(_LISTENERS) == 1:
+            # Older versions keyed the callback by a random token, not the sweep id; the one
+            # run_sweep call in this process is the one resuming it.
+            entry = next(iter(_LISTENERS.values()))
+        return entry
+
     @property
     def progress(self) -> Progress:
-        entry = _LISTENERS.get(self.key)
+        entry = self._entry()
         return entry[0] if entry else self._progress
 
     def _update(self, trials):
@@ -112,7 +125,7 @@ class _ProgressCallback(Callback):
         p.errored = counts["ERROR"]
         p.running = counts["RUNNING"]
         p.pending = max(p.total - p.done - p.running, counts["PENDING"])
-        listener = _LISTENERS.get(self.key, (None, None))[1]
+        listener = (self._entry() or (None, None))[1]
         if listener is not None:
             listener(p)
 

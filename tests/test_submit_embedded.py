@@ -1,0 +1,95 @@
+"""The README's main command on the embedded default, as a real process: `python -m service.submit
+SPEC` starts a local Ray, logs to a local MLflow store (SQLite) and keeps its queue in SQLite under
+$SWEEP_DATA_DIR. Also: a sweep left `failed` (its driver crashed) is retried with `--resume`, and
+keeps what its first run logged.
+
+One tiny sweep (2 trials, 2-D data, 2 epochs): the time goes into starting Ray and MLflow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from service.queue import SweepQueue, SweepState  # noqa: E402
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+SPEC = """\
+name: embedded-cli
+base: {dataset: spiral, hidden: [8], epochs: 2, batch_size: 50, subset: 400, diag_size: 100}
+parameters:
+  rule: {distribution: values, values: [bp, dtp]}
+search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 2}
+failure: {max_failures: 0}
+"""
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWEEP_", "RAY_", "MLFLOW_"))}
+    env.update(SWEEP_DATA_DIR=str(tmp_path / "data"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               PYTHONPATH=str(REPO), COLUMNS="200")
+    return env
+
+
+def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.submit", *args, "--json", "--num-cpus", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+
+
+def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path):
+    env = _env(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+
+    r = _submit(env, str(spec))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["state"] == "succeeded" and out["trial_status"] == {"completed": 2}
+    assert {row["rule"] for row in out["table"]} == {"bp", "dtp"}
+    sweep_id = out["sweep_id"]
+
+    queue = SweepQueue(f"sqlite:///{tmp_path / 'data' / 'queue.db'}")
+    rec = queue.get(sweep_id)
+    assert rec.state is SweepState.SUCCEEDED and rec.attempts == 1
+    assert rec.mlflow_parent_run_id == out["parent_run_id"]
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    children = c.search_runs([out["experiment_id"]],
+                             f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+    epochs = {run.info.run_id: len(c.get_metric_history(run.info.run_id, "valid_accuracy")) for run in children}
+    assert set(epochs.values()) == {2}
+
+    # A second sweep whose driver "crashed": queued, dispatched once, marked failed.
+    failed = queue.submit("embedded-cli", SPEC)
+    queue.mark(failed.id, SweepState.RUNNING)
+    queue.mark(failed.id, SweepState.FAILED, error="RuntimeError: driver crashed")
+    queue.close()
+
+    r = _submit(env, "--resume", failed.id)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"retrying failed sweep {failed.id}" in r.stderr and "driver crashed" in r.stderr
+    out2 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out2["sweep_id"] == failed.id and out2["state"] == "succeeded"
+    with SweepQueue(f"sqlite:///{tmp_path / 'data' / 'queue.db'}") as q:
+        rec = q.get(failed.id)
+    assert rec.state is SweepState.SUCCEEDED and rec.error is None and rec.attempts == 2
+    # The first sweep's runs are untouched: same experiment, now two parents.
+    parents = [run for run in c.search_runs([out["experiment_id"]]) if "mlflow.parentRunId" not in run.data.tags]
+    assert {run.info.run_id for run in parents} == {out["parent_run_id"], out2["parent_run_id"]}
+
+    # Resuming a finished sweep is refused as bad input.
+    r = _submit(env, "--resume", sweep_id)
+    assert r.returncode == 2 and "succeeded" in r.stderr
