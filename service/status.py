@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from service.client import ServiceError, open_sweeps
+from service.client import ServiceError, SweepClient, open_sweeps
 from service.views import SweepView, mlflow_ui_hint
 
 STATE_STYLE = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red",
@@ -75,7 +75,9 @@ def sweeps_table(views: list[SweepView]) -> Table:
     return t
 
 
-def detail_table(v: SweepView) -> Table:
+def detail_table(v: SweepView, ray_job: bool = True) -> Table:
+    """``ray_job``: name the Ray job of the last attempt (the service dispatches sweeps as Ray jobs;
+    an embedded run has none)."""
     from service.dispatcher import submission_id
 
     t = Table(box=box.SIMPLE, show_header=False)
@@ -91,7 +93,7 @@ def detail_table(v: SweepView) -> Table:
         ("started", f"{v.started_at:%Y-%m-%d %H:%M:%S} UTC" if v.started_at else "–"),
         ("finished", f"{v.finished_at:%Y-%m-%d %H:%M:%S} UTC" if v.finished_at else "–"),
         ("run time", duration(v.started_at, v.finished_at)),
-        ("attempts", str(v.attempts) + (f" (Ray job {submission_id(v.id, v.attempts)})" if v.attempts else "")),
+        ("attempts", str(v.attempts) + (f" (Ray job {submission_id(v.id, v.attempts)})" if v.attempts and ray_job else "")),
         ("trials", progress_text(v) if v.progress else str(v.n_trials or "–")),
         ("best per rule", best_text(v)),
         ("MLflow", v.mlflow_tracking_uri or "–"),
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     print(v.model_dump_json(indent=2))
                     return 0
-                console.print(detail_table(v))
+                console.print(detail_table(v, ray_job=isinstance(src, SweepClient)))
                 table_md = (v.result or {}).get("table_markdown")
                 if table_md:
                     console.print(Markdown(table_md))

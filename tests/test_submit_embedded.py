@@ -90,6 +90,13 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path):
     parents = [run for run in c.search_runs([out["experiment_id"]]) if "mlflow.parentRunId" not in run.data.tags]
     assert {run.info.run_id for run in parents} == {out["parent_run_id"], out2["parent_run_id"]}
 
+    status = subprocess.run([sys.executable, "-m", "service.status", failed.id], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    attempts = next(line for line in status.stdout.splitlines() if "attempts" in line)
+    assert attempts.split() == ["attempts", "2"]  # an embedded run has no Ray job to name
+    assert "succeeded" in status.stdout
+
     # Resuming a finished sweep is refused as bad input.
     r = _submit(env, "--resume", sweep_id)
     assert r.returncode == 2 and "succeeded" in r.stderr
