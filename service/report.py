@@ -6,7 +6,8 @@
 Looks the sweep up (API when ``--service URL`` or SWEEP_SERVICE_URL is given, else the local queue),
 then runs ``worker.report.compare`` on its MLflow experiment and parent run with the spec's metric,
 mode and swept parameters. Prints the table (one row per rule), writes comparison.md/.csv and the
-plots to ``--outdir`` (default ``$SWEEP_DATA_DIR/reports/<id>/``) and, with ``--markdown PATH``, a
+plots to ``--outdir`` (default ``$SWEEP_DATA_DIR/reports/<id>/``) with the spec and ``record.json``
+(the sweep and MLflow ids, every trial's run, the machines, the commands) and, with ``--markdown PATH``, a
 Markdown file with the table, the plots, the sweep and MLflow ids, the date and the command line
 that made it.
 
@@ -48,24 +49,60 @@ def build(view: SweepView, spec_yaml: str, tracking_uri: str | None):
     if not uri:
         raise ReportError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI", 2)
     from worker import tracking
-    from worker.report import compare
+    from worker.report import compare_sweep
 
     try:
         c = tracking.client(uri)
-        cmp = compare(c, view.mlflow_experiment_id, view.mlflow_parent_run_id, spec.search.metric,
-                      spec.search.mode, list(spec.parameters))
+        cmp = compare_sweep(c, view.mlflow_experiment_id, view.mlflow_parent_run_id, spec)
     except Exception as e:
         raise ReportError(f"reading the runs from MLflow at {uri} failed: {' '.join(str(e).split())[:400]}") from None
     return cmp, spec, uri
 
 
-def write_outputs(cmp, outdir: Path) -> list[Path]:
+def write_outputs(cmp, outdir: Path, record_: dict | None = None, spec_yaml: str | None = None) -> list[Path]:
     from worker.report import plot
 
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "comparison.md").write_text(cmp.to_markdown())
     (outdir / "comparison.csv").write_text(cmp.to_csv())
+    if spec_yaml is not None:
+        (outdir / "spec.yaml").write_text(spec_yaml)
+    if record_ is not None:
+        (outdir / "record.json").write_text(json.dumps(record_, indent=2, default=str) + "\n")
     return plot(cmp, outdir)
+
+
+def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
+    """What it takes to find and reproduce a result: the sweep, its MLflow ids, each trial's run,
+    the machines the trials ran on, and the commands."""
+    machines = {json.dumps(tr.machine, sort_keys=True) for tr in cmp.trials if tr.machine}
+    if machines:
+        machine = {"source": "the trials' machine.* tags", "machines": [json.loads(m) for m in sorted(machines)]}
+    else:
+        from worker.tracking import machine_tags
+
+        machine = {"source": "the trials predate machine tags; this is the machine the report ran on",
+                   "machines": [{k.removeprefix("machine."): v for k, v in machine_tags().items()}]}
+    fin = lambda tr, k: tr.metrics.get(f"final/{k}")  # noqa: E731
+    return {
+        "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reproduce": "python -m service.submit spec.yaml",
+        "report_command": command,
+        "sweep": {"id": view.id, "name": view.name, "state": view.state, "trials": view.n_trials,
+                  "attempts": view.attempts, "created_at": view.created_at, "started_at": view.started_at,
+                  "finished_at": view.finished_at},
+        "mlflow": {"tracking_uri": uri, "experiment_name": spec.name, "experiment_id": view.mlflow_experiment_id,
+                   "parent_run_id": view.mlflow_parent_run_id},
+        "published": spec.published.model_dump() if spec.published else None,
+        "trials": [{"run_id": tr.run_id, "trial_id": tr.trial_id, "rule": tr.rule, "seed": tr.seed,
+                    "status": tr.status, **tr.swept, "epochs": fin(tr, "epochs"), "best_epoch": fin(tr, "best_epoch"),
+                    "best_valid_accuracy": fin(tr, "best_valid_accuracy"),
+                    "test_accuracy_at_best_valid": fin(tr, "test_accuracy_at_best_valid"),
+                    "seconds_per_epoch": fin(tr, "seconds_per_epoch")}
+                   for tr in sorted(cmp.trials, key=lambda t: (t.rule, t.seed, t.run_id))],
+        "machine": machine,
+        "table": "comparison.csv",
+    }
 
 
 def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], md_path: Path,
@@ -115,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         if not cmp.rows:
             raise ReportError(f"{view.id}: no trial runs under parent run {view.mlflow_parent_run_id} in {uri}")
         outdir = Path(args.outdir) if args.outdir else settings.data_dir / "reports" / view.id
+        command = "python -m service.report " + shlex.join(argv)
         try:
-            plots = write_outputs(cmp, outdir.resolve())
+            plots = write_outputs(cmp, outdir.resolve(), record(view, spec, cmp, uri, command), spec_yaml)
         except OSError as e:
             raise ReportError(f"cannot write to {outdir}: {e.strerror or e}", 2) from None
         md_path = None
         if args.markdown:
             md_path = Path(args.markdown).resolve()
-            command = "python -m service.report " + shlex.join(argv)
             try:
                 md_path.parent.mkdir(parents=True, exist_ok=True)
                 md_path.write_text(markdown_document(view, spec, cmp, uri, plots, md_path, command))

@@ -350,6 +350,8 @@ def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path, 
     text = md.read_text()
     assert sweep_id in text and v["mlflow_parent_run_id"] in text and "python -m service.report" in text
     assert "](../report/learning_curves.png)" in text
+    rec = json.loads((outdir / "record.json").read_text())
+    assert rec["mlflow"]["parent_run_id"] == v["mlflow_parent_run_id"] and len(rec["trials"]) == 4
 
     # ...and in-process for the human-readable ones (a new process pays seconds of imports).
     from service import report as report_cli

@@ -33,6 +33,7 @@ parameters:
   rule: {distribution: values, values: [bp, dtp]}
 search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 2}
 failure: {max_failures: 0}
+published: {source: "a figure to show beside ours", metric: test_error, values: {bp: 0.125}}
 """
 
 
@@ -71,6 +72,26 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path):
     assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
     epochs = {run.info.run_id: len(c.get_metric_history(run.info.run_id, "valid_accuracy")) for run in children}
     assert set(epochs.values()) == {2}
+
+    # The report: the published figure beside ours, and a record to find and rerun it by.
+    outdir = tmp_path / "results" / "rec"
+    rep = subprocess.run([sys.executable, "-m", "service.report", sweep_id, "--outdir", str(outdir), "--markdown",
+                          str(tmp_path / "results" / "rec.md"), "--json"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    table = json.loads(rep.stdout)["table_markdown"]
+    assert "published test error" in table and "12.50%" in table
+    bp_row = next(line for line in table.splitlines() if line.startswith("| `bp`"))
+    bp_test = next(row["test_mean"] for row in out["table"] if row["rule"] == "bp")
+    assert f"{100 * (1 - bp_test):.2f}%" in bp_row
+    rec = json.loads((outdir / "record.json").read_text())
+    assert rec["mlflow"] == {"tracking_uri": env["MLFLOW_TRACKING_URI"], "experiment_name": "embedded-cli",
+                             "experiment_id": out["experiment_id"], "parent_run_id": out["parent_run_id"]}
+    assert sorted(t["run_id"] for t in rec["trials"]) == sorted(run.info.run_id for run in children)
+    assert all(t["epochs"] == 2 and t["best_epoch"] in (1, 2) for t in rec["trials"])
+    assert rec["machine"]["source"] == "the trials' machine.* tags"
+    assert rec["machine"]["machines"][0]["cpus"] == str(os.cpu_count())
+    assert (outdir / "spec.yaml").read_text() == SPEC and (outdir / "comparison.csv").exists()
 
     # A second sweep whose driver "crashed": queued, dispatched once, marked failed.
     failed = queue.submit("embedded-cli", SPEC)

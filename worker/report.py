@@ -32,6 +32,7 @@ class TrialRow:
     config_key: str
     swept: dict[str, str]
     metrics: dict[str, float]
+    machine: dict[str, str] = field(default_factory=dict)  # the trial's machine.* tags
 
 
 @dataclass
@@ -118,6 +119,7 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             run.info.run_id, t.get(tracking.TAG_TRIAL, ""), t.get("rule", p.get("rule", "?")),
             int(p.get("seed", 0)), t.get(tracking.TAG_STATUS, "?"), key,
             {k: p[k] for k in swept if k in p}, m,
+            {k.removeprefix("machine."): v for k, v in t.items() if k.startswith("machine.")},
         ))
     better = max if mode == "max" else min
     by_rule: dict[str, list[TrialRow]] = defaultdict(list)
@@ -166,6 +168,13 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
         cmp.curves[rule] = _curve(c, best_group, metric)
         cmp.angles[rule] = _angles(best_group)
     return cmp
+
+
+def compare_sweep(c: MlflowClient, exp_id: str, parent_run_id: str, spec) -> Comparison:
+    """``compare`` with what a sweep spec says: its metric, mode, swept parameters and the
+    published figures to show beside ours."""
+    return compare(c, exp_id, parent_run_id, spec.search.metric, spec.search.mode, list(spec.parameters),
+                   spec.published.model_dump() if spec.published else None)
 
 
 def _summary_from_history(c: MlflowClient, run_id: str) -> dict[str, float]:

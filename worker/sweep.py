@@ -179,7 +179,7 @@ def run_sweep(
     ``on_start(experiment_id, parent_run_id)`` is called once the parent run exists."""
     from ray import tune
 
-    from worker.report import compare, publish
+    from worker.report import compare_sweep, publish
     from worker.search_space import to_param_space, to_scheduler, to_search_alg
     from worker.trainable import TrialContext, run_trial
 
@@ -244,8 +244,7 @@ def run_sweep(
         state = "failed"
     else:
         state = "succeeded"
-    cmp = compare(c, exp_id, parent_id, spec.search.metric, spec.search.mode, list(spec.parameters),
-                  spec.published.model_dump() if spec.published else None)
+    cmp = compare_sweep(c, exp_id, parent_id, spec)
     artifacts = [str(p) for p in publish(c, parent_id, cmp, Path(exp_path) / "comparison")]
     for k, v in trial_status.items():
         c.log_metric(parent_id, f"trials/{k}", v)

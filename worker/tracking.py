@@ -18,6 +18,30 @@ TAG_KIND = "tp.kind"  # "sweep" (parent) or "trial" (child)
 TAG_STATUS = "status"  # completed | early_stopped | diverged | failed | running
 
 
+def machine_tags() -> dict[str, str]:
+    """Where a trial ran: host, cores, BLAS and thread count (for the results record)."""
+    import platform
+
+    import numpy as np
+
+    blas = "unknown"
+    try:  # numpy >= 2 describes its build as dicts
+        info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{info.get('name', '?')} {info.get('version', '')}".strip()
+    except Exception:
+        pass
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"machine.host": platform.node(), "machine.cpus": str(os.cpu_count()),
+            "machine.cpu": cpu, "machine.blas": blas,
+            "machine.threads": os.environ.get("OMP_NUM_THREADS", "default"),
+            "machine.numpy": np.__version__, "machine.python": platform.python_version()}
+
+
 def client(tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri)

@@ -58,7 +58,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     c = tracking.client(ctx.tracking_uri)
     tags = {"rule": cfg.rule, "backend": cfg.backend, "seed": str(cfg.seed),
-            "config_hash": cfg.config_hash(), "dataset": cfg.dataset}
+            "config_hash": cfg.config_hash(), "dataset": cfg.dataset, **tracking.machine_tags()}
     name = f"{cfg.rule}-s{cfg.seed}-{trial_id[-5:]}"
     prior = tracking.find_run(c, ctx.experiment_id, **{tracking.TAG_SWEEP: ctx.sweep_id, tracking.TAG_TRIAL: trial_id})
     settled = prior.data.tags.get(tracking.TAG_STATUS) if prior is not None else None
