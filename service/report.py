@@ -34,8 +34,13 @@ class ReportError(Exception):
         self.code = code
 
 
-def build(view: SweepView, spec_yaml: str, tracking_uri: str | None):
-    """(Comparison, spec, tracking uri) for a sweep."""
+# What a spec may change about a sweep already run: how it is described and what it is compared to.
+REPORT_ONLY_FIELDS = {"description", "published"}
+
+
+def build(view: SweepView, spec_yaml: str, tracking_uri: str | None, report_spec_yaml: str | None = None):
+    """(Comparison, spec, tracking uri) for a sweep. ``report_spec_yaml`` replaces the stored spec
+    if it describes the same trials (it may add published figures, say)."""
     from worker.spec import SpecError, SweepSpec
 
     if not view.mlflow_experiment_id or not view.mlflow_parent_run_id:
@@ -45,6 +50,17 @@ def build(view: SweepView, spec_yaml: str, tracking_uri: str | None):
         spec = SweepSpec.from_yaml(spec_yaml)
     except SpecError as e:
         raise ReportError(f"{view.id}: the stored spec no longer validates: {e}") from None
+    if report_spec_yaml is not None:
+        try:
+            other = SweepSpec.from_yaml(report_spec_yaml)
+        except SpecError as e:
+            raise ReportError(f"--spec: {e}", 2) from None
+        ran, given = (x.model_dump(mode="json", exclude=REPORT_ONLY_FIELDS) for x in (spec, other))
+        differ = sorted(k for k in ran.keys() | given.keys() if ran.get(k) != given.get(k))
+        if differ:
+            raise ReportError(f"--spec describes other trials than sweep {view.id} ran (differs in: "
+                              f"{', '.join(differ)}); only {', '.join(sorted(REPORT_ONLY_FIELDS))} may change", 2)
+        spec = other
     uri = tracking_uri or view.mlflow_tracking_uri
     if not uri:
         raise ReportError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI", 2)
@@ -120,7 +136,8 @@ def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], m
         "",
     ]
     captions = {"learning_curves.png": "Validation curve per rule (mean ± std over seeds)",
-                "angle_bp.png": "Final angle to the backprop update per layer"}
+                "angle_bp.png": "Final angle to the backprop update per layer",
+                "published.png": "Test figure at the best validation epoch per seed, and the published one"}
     for p in plots:
         lines += [f"![{captions.get(p.name, p.stem)}]({rel(p)})", ""]
     hint = mlflow_ui_hint(view.model_copy(update={"mlflow_tracking_uri": uri}))
@@ -139,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(default $SWEEP_DATA_DIR/reports/<id>/)")
     p.add_argument("--service", metavar="URL", help="the API (default $SWEEP_SERVICE_URL; else the local queue)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: the one the sweep logged to)")
+    p.add_argument("--spec", metavar="PATH", help="report with this spec instead of the stored one; it must "
+                                                  "describe the same trials (it may add published figures)")
     args = p.parse_args(argv)
 
     from service.settings import load
@@ -148,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         with open_sweeps(settings, args.service) as src:
             view = src.get(args.id)
             spec_yaml = src.spec(args.id)
-        cmp, spec, uri = build(view, spec_yaml, args.tracking_uri)
+        report_spec = None
+        if args.spec:
+            try:
+                report_spec = Path(args.spec).read_text()
+            except OSError as e:
+                raise ReportError(f"--spec: cannot read {args.spec}: {e.strerror or e}", 2) from None
+        cmp, spec, uri = build(view, spec_yaml, args.tracking_uri, report_spec)
+        spec_yaml = report_spec or spec_yaml  # the record's spec: the one the report used
         if not cmp.rows:
             raise ReportError(f"{view.id}: no trial runs under parent run {view.mlflow_parent_run_id} in {uri}")
         outdir = Path(args.outdir) if args.outdir else settings.data_dir / "reports" / view.id

@@ -49,7 +49,7 @@ def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
 
 
-def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path):
+def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys):
     env = _env(tmp_path)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)
@@ -92,6 +92,25 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path):
     assert rec["machine"]["source"] == "the trials' machine.* tags"
     assert rec["machine"]["machines"][0]["cpus"] == str(os.cpu_count())
     assert (outdir / "spec.yaml").read_text() == SPEC and (outdir / "comparison.csv").exists()
+
+    # Reporting with another spec: only what describes the sweep may change, not its trials.
+    from service import report as report_cli
+
+    for k in [k for k in os.environ if k.startswith(("SWEEP_", "MLFLOW_", "RAY_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SWEEP_DATA_DIR", env["SWEEP_DATA_DIR"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    newer = tmp_path / "newer.yaml"
+    newer.write_text(SPEC.replace("values: {bp: 0.125}", "values: {dtp: 0.25}"))
+    capsys.readouterr()
+    assert report_cli.main([sweep_id, "--spec", str(newer), "--outdir", str(tmp_path / "r2"), "--json"]) == 0
+    assert "25.00%" in json.loads(capsys.readouterr().out)["table_markdown"]
+    assert (tmp_path / "r2" / "spec.yaml").read_text() == newer.read_text()
+    other = tmp_path / "other.yaml"
+    other.write_text(SPEC.replace("epochs: 2", "epochs: 3"))
+    assert report_cli.main([sweep_id, "--spec", str(other), "--outdir", str(tmp_path / "r3")]) == 2
+    err = capsys.readouterr().err
+    assert "differs in: base" in err and len(err.strip().splitlines()) == 1
 
     # A second sweep whose driver "crashed": queued, dispatched once, marked failed.
     failed = queue.submit("embedded-cli", SPEC)

@@ -44,6 +44,7 @@ class Comparison:
     trials: list[TrialRow] = field(default_factory=list)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # rule -> {epoch, mean, lo, hi}
     angles: dict[str, dict[int, float]] = field(default_factory=dict)  # rule -> layer -> degrees
+    tests: dict[str, list[float]] = field(default_factory=dict)  # rule -> test acc @ best valid, per seed
 
     def to_markdown(self) -> str:
         cols = ["rule", "trials", "seeds", "best config", f"{self.metric} (mean ± std)",
@@ -167,6 +168,7 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
         })
         cmp.curves[rule] = _curve(c, best_group, metric)
         cmp.angles[rule] = _angles(best_group)
+        cmp.tests[rule] = [t for t in tests if t is not None and math.isfinite(t)]
     return cmp
 
 
@@ -255,15 +257,46 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
     ax.axhline(90, color="gray", ls="--", lw=0.8)
     paths.append(_finish(fig, ax, outdir / "angle_bp.png", "layer", "angle to backprop update (degrees)",
                          "Final angle to backprop per layer"))
+    if cmp.published and any(cmp.tests.values()):
+        paths.append(_plot_published(cmp, outdir / "published.png"))
     return paths
 
 
-def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Label, save and close one plot (integer x ticks: epochs and layers)."""
+def _plot_published(cmp: Comparison, path: Path) -> Path:
+    """Per rule: each seed's test figure at its best validation epoch, their mean ± std, and the
+    published figure beside them."""
+    import matplotlib.pyplot as plt
+
+    pub = cmp.published or {}
+    as_error = pub.get("metric") == "test_error"
+    conv = (lambda acc: 100 * (1 - acc)) if as_error else (lambda acc: 100 * acc)  # noqa: E731
+    rules = [r for r in cmp.tests if cmp.tests[r]]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, rule in enumerate(rules):
+        ys = [conv(t) for t in cmp.tests[rule]]
+        mean, std = _mean_std(ys)
+        ax.scatter([i - 0.12] * len(ys), ys, s=18, color="tab:blue", alpha=0.6,
+                   label="ours, one seed" if i == 0 else None)
+        ax.errorbar([i], [mean], yerr=[std or 0.0], fmt="o", color="tab:blue", capsize=4,
+                    label="ours, mean ± std" if i == 0 else None)
+        ref = pub.get("values", {}).get(rule)
+        if ref is not None:
+            ax.scatter([i + 0.12], [100 * ref], marker="*", s=120, color="tab:red",
+                       label="published" if not any(pub.get("values", {}).get(r) is not None for r in rules[:i]) else None)
+    ax.set_xticks(range(len(rules)), rules)
+    ax.set_xlim(-0.6, len(rules) - 0.4)
+    what = "test error (%)" if as_error else "test accuracy (%)"
+    return _finish(fig, ax, path, "rule", f"{what} at best validation epoch", "Ours against the published figure",
+                   integer_x=False)
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, integer_x: bool = True) -> Path:
+    """Label, save and close one plot (integer x ticks for epochs and layers)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
