@@ -48,7 +48,7 @@ class Comparison:
 
     def to_markdown(self) -> str:
         cols = ["rule", "trials", "seeds", "best config", f"{self.metric} (mean ± std)",
-                "test acc @ best valid (mean ± std)", "best trial", "epochs", "s/epoch", "wall s", "statuses"]
+                "test acc @ best valid (mean ± std)", "best trial", "epochs", "s/epoch (median)", "train s", "statuses"]
         pub = self.published
         if pub:
             cols[6:6] = ["test error (ours)", f"published {pub['metric'].replace('_', ' ')}"]
@@ -142,6 +142,9 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
         mean, std = _mean_std(vals)
         tmean, tstd = _mean_std(tests)
         best_trial = better(trials, key=lambda tr: _final(tr, metric) if _final(tr, metric) is not None else (-math.inf if mode == "max" else math.inf))
+        for tr in trials:
+            # Training time, summed over epochs: a resumed trial's wall clock includes its pause.
+            tr.metrics["train_seconds"] = sum(_history(c, tr.run_id, "seconds_per_epoch").values())
         spe = [tr.metrics.get("final/seconds_per_epoch") for tr in best_group]
         eps = [tr.metrics.get("final/epochs") for tr in best_group]
         counts: dict[str, int] = defaultdict(int)
@@ -163,7 +166,7 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             "best_trial_metric": _final(best_trial, metric),
             "epochs": e_mean,
             "seconds_per_epoch": s_mean,
-            "wall_seconds": (s_mean * e_mean) if (s_mean and e_mean) else None,
+            "wall_seconds": _mean_std([tr.metrics["train_seconds"] for tr in best_group])[0],
             "statuses": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
         })
         cmp.curves[rule] = _curve(c, best_group, metric)
@@ -182,9 +185,7 @@ def compare_sweep(c: MlflowClient, exp_id: str, parent_run_id: str, spec) -> Com
 def _summary_from_history(c: MlflowClient, run_id: str) -> dict[str, float]:
     """For a trial that has not finished (interrupted, or still running): the same summary
     numbers the engine gives at the end, computed from its per-epoch history so far."""
-    hist = {}
-    for key in ("valid_accuracy", "test_accuracy", "seconds_per_epoch"):
-        hist[key] = {int(h.step): h.value for h in sorted(c.get_metric_history(run_id, key), key=lambda h: h.timestamp)}
+    hist = {key: _history(c, run_id, key) for key in ("valid_accuracy", "test_accuracy", "seconds_per_epoch")}
     out: dict[str, float] = {}
     if hist["seconds_per_epoch"]:
         out["final/epochs"] = float(len(hist["seconds_per_epoch"]))
@@ -198,6 +199,12 @@ def _summary_from_history(c: MlflowClient, run_id: str) -> dict[str, float]:
     return out
 
 
+def _history(c: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """epoch -> value. A trial resumed from its checkpoint may have logged the interrupted epoch
+    twice; the later value is the one its training continued from."""
+    return {int(h.step): h.value for h in sorted(c.get_metric_history(run_id, key), key=lambda h: h.timestamp)}
+
+
 def _final(tr: TrialRow, metric: str) -> float | None:
     """The trial's value of ``metric``: at its best epoch for valid_accuracy, else the last one."""
     if metric == "valid_accuracy" and "final/best_valid_accuracy" in tr.metrics:
@@ -209,10 +216,7 @@ def _curve(c: MlflowClient, trials: list[TrialRow], metric: str) -> dict[str, li
     key = "valid_accuracy" if any("valid_accuracy" in t.metrics for t in trials) else "valid_loss"
     per_epoch: dict[int, list[float]] = defaultdict(list)
     for tr in trials:
-        # A trial resumed from its checkpoint may have logged the interrupted epoch twice; the
-        # later value is the one its training continued from.
-        last = {int(m.step): m.value for m in sorted(c.get_metric_history(tr.run_id, key), key=lambda m: m.timestamp)}
-        for step, value in last.items():
+        for step, value in _history(c, tr.run_id, key).items():
             per_epoch[step].append(value)
     epochs = sorted(per_epoch)
     out: dict[str, list[float]] = {"metric": key, "epoch": epochs, "mean": [], "lo": [], "hi": []}  # type: ignore[dict-item]
