@@ -1,7 +1,7 @@
 """The rule comparison of a sweep, recomputed from MLflow:
 
-    python -m service.report ID [--markdown PATH] [--json] [--outdir DIR] [--service URL]
-                                [--tracking-uri URI]
+    python -m service.report ID [--markdown PATH] [--into FILE] [--json] [--outdir DIR] [--service URL]
+                                [--tracking-uri URI] [--spec PATH]
 
 Looks the sweep up (API when ``--service URL`` or SWEEP_SERVICE_URL is given, else the local queue),
 then runs ``worker.report.compare`` on its MLflow experiment and parent run with the spec's metric,
@@ -123,12 +123,13 @@ def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
 
 
 def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], md_path: Path,
-                      command: str) -> str:
+                      command: str, heading: bool = True) -> str:
+    """The report as Markdown; plot links are relative to ``md_path``. Without ``heading`` it is a
+    section to put under a heading of the host document's own."""
     now = datetime.now(timezone.utc)
     rel = lambda p: os.path.relpath(p, md_path.parent)  # noqa: E731
-    lines = [
-        f"## Sweep results: {spec.name}",
-        "",
+    lines = [f"## Sweep results: {spec.name}", ""] if heading else []
+    lines += [
         f"- sweep: `{view.id}` ({view.state}; {view.n_trials} trials; metric `{cmp.metric}`, mode `{cmp.mode}`)",
         f"- MLflow: experiment `{view.mlflow_experiment_id}`, parent run `{view.mlflow_parent_run_id}` ({uri})",
         f"- made {now:%Y-%m-%d %H:%M} UTC with `{command}`",
@@ -147,6 +148,20 @@ def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], m
     return "\n".join(lines)
 
 
+def splice(path: Path, name: str, section: str) -> None:
+    """Replace what lies between ``<!-- report:NAME:start -->`` and ``<!-- report:NAME:end -->``
+    in ``path`` (a README, say) with ``section``."""
+    start, end = f"<!-- report:{name}:start -->", f"<!-- report:{name}:end -->"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ReportError(f"--into: cannot read {path}: {e.strerror or e}", 2) from None
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ReportError(f"--into: {path} has no '{start}' ... '{end}' lines to put the report between", 2)
+    path.write_text(text[:i + len(start)] + "\n" + section.strip() + "\n" + text[j:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m service.report", description="Compare the rules of a sweep.")
@@ -159,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow (default: the one the sweep logged to)")
     p.add_argument("--spec", metavar="PATH", help="report with this spec instead of the stored one; it must "
                                                   "describe the same trials (it may add published figures)")
+    p.add_argument("--into", metavar="FILE", help="also put the Markdown section into FILE, between the lines "
+                                                  "<!-- report:NAME:start --> and <!-- report:NAME:end --> "
+                                                  "(NAME: the spec's name)")
     args = p.parse_args(argv)
 
     from service.settings import load
@@ -192,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                 md_path.write_text(markdown_document(view, spec, cmp, uri, plots, md_path, command))
             except OSError as e:
                 raise ReportError(f"cannot write {md_path}: {e.strerror or e}", 2) from None
+        if args.into:
+            into = Path(args.into).resolve()
+            splice(into, spec.name, markdown_document(view, spec, cmp, uri, plots, into, command, heading=False))
     except ServiceError as e:
         print(f"service.report: {e}", file=sys.stderr)
         return 2 if e.is_bad_input else 1

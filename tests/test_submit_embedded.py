@@ -112,6 +112,19 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "differs in: base" in err and len(err.strip().splitlines()) == 1
 
+    # --into puts the section between its markers in a host document, and only there.
+    host = tmp_path / "results" / "HOST.md"
+    host.write_text("# Host\nkept above\n<!-- report:embedded-cli:start -->\nold text\n"
+                    "<!-- report:embedded-cli:end -->\nkept below\n")
+    assert report_cli.main([sweep_id, "--outdir", str(outdir), "--into", str(host)]) == 0
+    text = host.read_text()
+    assert "old text" not in text and text.startswith("# Host\nkept above\n") and text.endswith("kept below\n")
+    assert f"`{sweep_id}`" in text and "](rec/learning_curves.png)" in text and "## Sweep results" not in text
+    host.write_text("no markers\n")
+    capsys.readouterr()
+    assert report_cli.main([sweep_id, "--outdir", str(outdir), "--into", str(host)]) == 2
+    assert "report:embedded-cli:start" in capsys.readouterr().err and host.read_text() == "no markers\n"
+
     # A second sweep whose driver "crashed": queued, dispatched once, marked failed.
     failed = queue.submit("embedded-cli", SPEC)
     queue.mark(failed.id, SweepState.RUNNING)
