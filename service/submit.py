@@ -308,6 +308,7 @@ class _LiveProgress:
         self.console, self.spec, self.sweep_id = console, spec, sweep_id
         self.p = None
         self.t0 = time.time()
+        self._logged_done, self._logged_at = -1, 0.0
         self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
 
     def __enter__(self):
@@ -321,6 +322,17 @@ class _LiveProgress:
     def update(self, p) -> None:
         self.p = p
         self.live.update(self._render())
+        if not self.console.is_terminal:
+            # A log file (--no-wait, nohup) gets no live display: a line per finished trial, and
+            # one a minute meanwhile.
+            now = time.time()
+            if p.done != self._logged_done or now - self._logged_at > 60:
+                self._logged_done, self._logged_at = p.done, now
+                best = "  ".join(f"{r} {v:.4f}" for r, v in sorted(p.best.items()))
+                self.console.print(f"{time.strftime('%H:%M:%S')} {self.sweep_id}: {p.done}/{self.spec.n_trials()} done, "
+                                   f"{p.running} running, {now - self.t0:.0f}s"
+                                   + (f"; best {self.spec.search.metric}: {best}" if best else ""),
+                                   highlight=False, soft_wrap=True)
 
     def progress_dict(self) -> dict:
         return self.p.as_dict() if self.p else {}

@@ -58,6 +58,8 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["state"] == "succeeded" and out["trial_status"] == {"completed": 2}
+    # Not a terminal: progress comes as plain lines, on start and whenever a trial finishes.
+    assert f"{out['sweep_id']}: 0/2 done" in r.stderr and f"{out['sweep_id']}: 2/2 done" in r.stderr
     assert {row["rule"] for row in out["table"]} == {"bp", "dtp"}
     sweep_id = out["sweep_id"]
 
