@@ -152,6 +152,16 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     assert attempts.split() == ["attempts", "2"]  # an embedded run has no Ray job to name
     assert "succeeded" in status.stdout
 
+    # From another directory (whose default MLflow store is elsewhere) status and report still
+    # find the sweep's own store.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env_elsewhere = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run([sys.executable, "-m", "service.report", sweep_id, "--outdir", str(tmp_path / "r4"), "--json"],
+                       cwd=elsewhere, env=env_elsewhere, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+
     # Resuming a finished sweep is refused as bad input.
     r = _submit(env, "--resume", sweep_id)
     assert r.returncode == 2 and "succeeded" in r.stderr
