@@ -115,7 +115,7 @@ def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
                     "best_valid_accuracy": fin(tr, "best_valid_accuracy"),
                     "test_accuracy_at_best_valid": fin(tr, "test_accuracy_at_best_valid"),
                     "seconds_per_epoch": fin(tr, "seconds_per_epoch"),
-                    "train_seconds": tr.metrics.get("train_seconds")}
+                    "train_seconds": tr.train_seconds}
                    for tr in sorted(cmp.trials, key=lambda t: (t.rule, t.seed, t.run_id))],
         "machine": machine,
         "table": "comparison.csv",

@@ -213,7 +213,7 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
 
 def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
     from service.queue import SweepState
-    from worker.job import write_json
+    from worker.job import write_started
     from worker.sweep import run_sweep
 
     queue.mark(sweep_id, SweepState.RUNNING)
@@ -223,10 +223,7 @@ def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
         ids.update(experiment_id=exp_id, parent_run_id=parent_id)
         queue.update(sweep_id, mlflow_experiment_id=exp_id, mlflow_parent_run_id=parent_id)
         # As a service job does: status and report then find this sweep's MLflow from any cwd.
-        (st.sweeps_dir / sweep_id).mkdir(parents=True, exist_ok=True)
-        write_json(st.sweeps_dir / sweep_id / "started.json",
-                   {"experiment_id": exp_id, "parent_run_id": parent_id, "tracking_uri": st.tracking_uri,
-                    "experiment_name": spec.name})
+        write_started(st.sweeps_dir / sweep_id, exp_id, parent_id, st.tracking_uri, spec.name)
 
     display = _LiveProgress(console, spec, sweep_id)
     last = [0.0]

@@ -26,6 +26,13 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_started(folder: Path, experiment_id: str, parent_run_id: str, tracking_uri: str, name: str) -> None:
+    """started.json: where the sweep logs, for the queue and for status / report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "started.json", {"experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                                         "tracking_uri": tracking_uri, "experiment_name": name})
+
+
 def main(argv: list[str] | None = None) -> int:
     from tp_engine.data import data_dir
     from worker.spec import load_spec
@@ -43,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     last = [0.0]
 
     def on_start(exp_id: str, parent_id: str) -> None:
-        write_json(d / "started.json", {"experiment_id": exp_id, "parent_run_id": parent_id,
-                                        "tracking_uri": tracking_uri, "experiment_name": spec.name})
+        write_started(d, exp_id, parent_id, tracking_uri, spec.name)
 
     def on_progress(p) -> None:
         if time.time() - last[0] > 1.0 or p.done == p.total:

@@ -33,6 +33,7 @@ class TrialRow:
     swept: dict[str, str]
     metrics: dict[str, float]
     machine: dict[str, str] = field(default_factory=dict)  # the trial's machine.* tags
+    train_seconds: float | None = None  # summed epoch times (a resumed trial's wall clock has a pause)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Comparison:
                 f"`{r['rule']}`", str(r["trials"]), str(r["seeds"]), r["best_config"] or "(defaults)",
                 _pm(r["metric_mean"], r["metric_std"]), _pm(r["test_mean"], r["test_std"]),
                 _num(r["best_trial_metric"]), _num(r["epochs"], 0), _num(r["seconds_per_epoch"], 2),
-                _num(r["wall_seconds"], 0), r["statuses"],
+                _num(r["train_seconds"], 0), r["statuses"],
             ]
             if pub:
                 ours = "–" if r["test_mean"] is None else f"{100 * (1 - r['test_mean']):.2f}% ± {100 * (r['test_std'] or 0):.2f}"
@@ -143,8 +144,7 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
         tmean, tstd = _mean_std(tests)
         best_trial = better(trials, key=lambda tr: _final(tr, metric) if _final(tr, metric) is not None else (-math.inf if mode == "max" else math.inf))
         for tr in trials:
-            # Training time, summed over epochs: a resumed trial's wall clock includes its pause.
-            tr.metrics["train_seconds"] = sum(_history(c, tr.run_id, "seconds_per_epoch").values())
+            tr.train_seconds = sum(_history(c, tr.run_id, "seconds_per_epoch").values())
         spe = [tr.metrics.get("final/seconds_per_epoch") for tr in best_group]
         eps = [tr.metrics.get("final/epochs") for tr in best_group]
         counts: dict[str, int] = defaultdict(int)
@@ -166,7 +166,7 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             "best_trial_metric": _final(best_trial, metric),
             "epochs": e_mean,
             "seconds_per_epoch": s_mean,
-            "wall_seconds": _mean_std([tr.metrics["train_seconds"] for tr in best_group])[0],
+            "train_seconds": _mean_std([tr.train_seconds for tr in best_group])[0],
             "statuses": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
         })
         cmp.curves[rule] = _curve(c, best_group, metric)
