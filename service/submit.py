@@ -46,7 +46,10 @@ def _err(msg: str) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160  # a log file: a wide table reads better than one wrapped at 80
+    return console
 
 
 def print_spec_errors(errors) -> None:
