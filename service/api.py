@@ -39,7 +39,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
-from service.queue import SweepQueue, SweepState
+from service.queue import InvalidTransition, SweepQueue, SweepState
 from service.settings import Settings
 from service.views import SweepList, SweepView, ViewBuilder
 from worker.spec import DOCUMENT, MAX_SPEC_BYTES, SpecError, SweepSpec
@@ -324,6 +324,23 @@ def create_app(
                 rec = q.cancel(sweep_id)
         except KeyError:
             raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
+        _wake(request)
+        return _json(_view(request, rec))
+
+    @router.post("/sweeps/{sweep_id}/retry", response_model=SweepView,
+                 responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep has not failed"}})
+    def retry_sweep(request: Request, sweep_id: str) -> SweepView:
+        """A failed sweep goes back in line; its next run keeps the trials that finished and resumes
+        the rest from their checkpoints."""
+        q = _queue(request)
+        try:
+            with write_lock:
+                rec = q.retry(sweep_id)
+        except KeyError:
+            raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
+        except InvalidTransition as e:
+            raise HTTPException(409, detail=f"sweep {sweep_id} is {e.current.value}; "
+                                            "only a failed sweep can be retried") from None
         _wake(request)
         return _json(_view(request, rec))
 

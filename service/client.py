@@ -26,7 +26,7 @@ class ServiceError(Exception):
     @property
     def is_bad_input(self) -> bool:
         """The request itself was wrong (invalid spec, unknown sweep): exit code 2 in the CLIs."""
-        return self.status in (400, 404, 413, 415, 422)
+        return self.status in (400, 404, 409, 413, 415, 422)
 
 
 def _format_detail(detail: Any) -> str:
@@ -134,6 +134,10 @@ class SweepClient:
 
     def cancel(self, sweep_id: str) -> SweepView:
         return SweepView.model_validate(self._json("POST", f"/sweeps/{quote(sweep_id, safe='')}/cancel"))
+
+    def retry(self, sweep_id: str) -> SweepView:
+        """Put a failed sweep back in line (409 if it has not failed)."""
+        return SweepView.model_validate(self._json("POST", f"/sweeps/{quote(sweep_id, safe='')}/retry"))
 
 
 class LocalSweeps:

@@ -52,15 +52,15 @@ class SweepState(str, enum.Enum):
 
 TERMINAL = frozenset({SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED})
 
-# Allowed mark() transitions. Only a failed sweep leaves a terminal state: a retry puts it back
-# in line (Tune resumes its unfinished and errored trials from their checkpoints).
+# Allowed mark() transitions. Terminal states have no way out (retry() is the one way back in line,
+# for a failed sweep).
 _TRANSITIONS: dict[SweepState, frozenset[SweepState]] = {
     SweepState.QUEUED: frozenset({SweepState.RUNNING, SweepState.CANCELLED}),
     SweepState.RUNNING: frozenset(
         {SweepState.SUCCEEDED, SweepState.FAILED, SweepState.CANCELLED, SweepState.QUEUED}
     ),
     SweepState.SUCCEEDED: frozenset(),
-    SweepState.FAILED: frozenset({SweepState.QUEUED}),
+    SweepState.FAILED: frozenset(),
     SweepState.CANCELLED: frozenset(),
 }
 
@@ -297,7 +297,6 @@ class SweepQueue:
           priority and seq, so it goes back to its original place in line. If a
           cancel was requested meanwhile it becomes CANCELLED instead, so a
           requeue can never resurrect a sweep the user cancelled.
-        * failed -> queued (retry): as a requeue, and clears finished_at and error.
         ``error`` is stored when given (and left unchanged when None).
         """
         state = SweepState(state)
@@ -314,8 +313,6 @@ class SweepQueue:
                 values.update(self._enter_running())
             elif state is SweepState.QUEUED:
                 values["started_at"] = None
-                if current is SweepState.FAILED:
-                    values.update(finished_at=None, error=None)
             else:
                 values["finished_at"] = now
             if error is not None:
@@ -361,6 +358,18 @@ class SweepQueue:
             else:
                 return _to_record(row)
             return self._set(conn, sweep_id, values)
+
+    def retry(self, sweep_id: str) -> SweepRecord:
+        """failed -> queued, back in its original place in line, with finished_at and error
+        cleared; its next run keeps the finished trials and resumes the rest from their
+        checkpoints. InvalidTransition from any other state."""
+        with self._writer.begin() as conn:
+            row = self._fetch_row(conn, sweep_id, for_update=True)
+            current = SweepState(row.state)
+            if current is not SweepState.FAILED:
+                raise InvalidTransition(sweep_id, current, SweepState.QUEUED)
+            return self._set(conn, sweep_id, {"state": SweepState.QUEUED.value, "started_at": None,
+                                              "finished_at": None, "error": None})
 
     # -- reads -------------------------------------------------------------
 

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--wait", dest="wait", action="store_true", default=True, help="wait for the end (default)")
     w.add_argument("--no-wait", dest="wait", action="store_false", help="queue and return")
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
-    p.add_argument("--resume", metavar="SWEEP_ID", help="resume an interrupted (or retry a failed) embedded sweep")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="embedded: resume an interrupted sweep or retry a failed one; with a service: retry a failed one")
     p.add_argument("--service", metavar="URL", help="API to submit to (default: $SWEEP_SERVICE_URL)")
     p.add_argument("--priority", type=int, help="override the spec's priority")
     p.add_argument("--num-cpus", type=int, help="embedded: CPUs of the local Ray (default: all)")
@@ -84,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(spec, args.json)
     service = (args.service or os.environ.get("SWEEP_SERVICE_URL") or "").rstrip("/")
     if service:
-        if args.resume:
-            _err("--resume is for embedded sweeps; a service resumes its sweeps itself")
-            return EXIT_INPUT
         return submit_remote(service, spec_text, args)
     return submit_embedded(spec, spec_text, args)
 
@@ -115,16 +112,21 @@ def _fmt(v: Any) -> str:
 
 
 # -- service mode ----------------------------------------------------------------------------------
-def submit_remote(url: str, spec_text: str, args) -> int:
-    """Send the spec to the API; with --wait, follow the sweep until it ends."""
+def submit_remote(url: str, spec_text: str | None, args) -> int:
+    """Send the spec to the API (with --resume ID: ask it to retry that failed sweep); with --wait,
+    follow the sweep until it ends."""
     from service.client import ServiceError, SweepClient
     from service.settings import load
 
     console = _console()
     try:
         with SweepClient.from_settings(load(), url) as client:
-            view = client.submit(spec_text, priority=args.priority)
-            console.print(f"queued sweep [bold]{view.id}[/] ({view.name}, {view.n_trials} trials) at {url}")
+            if args.resume:
+                view = client.retry(args.resume)
+                console.print(f"retrying failed sweep [bold]{view.id}[/] ({view.name}) at {url}")
+            else:
+                view = client.submit(spec_text, priority=args.priority)
+                console.print(f"queued sweep [bold]{view.id}[/] ({view.name}, {view.n_trials} trials) at {url}")
             if not args.wait:
                 if args.json:
                     print(json.dumps({"sweep_id": view.id, "state": view.state, "experiment_name": view.name}))
@@ -185,7 +187,7 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
         if rec.state == SweepState.FAILED:
             # Retrying a failed sweep keeps its finished trials; Tune reruns the rest from checkpoints.
             console.print(f"[yellow]retrying failed sweep {rec.id}[/] (it failed with: {rec.error})")
-            rec = queue.mark(rec.id, SweepState.QUEUED)
+            rec = queue.retry(rec.id)
         if rec.state != SweepState.QUEUED:
             _err(f"sweep {rec.id} is {rec.state.value}; only an interrupted (queued) or failed sweep "
                  "can be resumed")

@@ -295,6 +295,21 @@ def test_cancel_finished_leaves_it(client, queue):
     assert v["state"] == "succeeded" and v["cancel_requested"] is False
 
 
+def test_retry_puts_a_failed_sweep_back_in_line(client, queue):
+    sid = post_yaml(client, SMOKE).json()["id"]
+    queue.claim_next()
+    queue.mark(sid, SweepState.FAILED, error="driver crashed")
+    r = client.post(f"/sweeps/{sid}/retry")
+    assert r.status_code == 200
+    v = r.json()
+    assert v["state"] == "queued" and v["error"] is None and v["finished_at"] is None
+    assert queue.claim_next().id == sid  # the dispatcher's next pick
+    r = client.post(f"/sweeps/{sid}/retry")  # running now
+    assert r.status_code == 409 and "only a failed sweep" in r.json()["detail"]
+    assert queue.get(sid).state is SweepState.RUNNING
+    assert client.post("/sweeps/sw-nope/retry").status_code == 404
+
+
 # ---- bursts ----------------------------------------------------------------------------------
 
 
@@ -486,6 +501,20 @@ def test_real_process_client_and_clis(tmp_path, monkeypatch, capsys):
         code, _, err = cli(status_cli)
         assert code == 1 and "401" in err
         monkeypatch.setenv("SWEEP_API_TOKEN", token)
+
+        # Retrying a failed sweep through the service: `submit --resume ID` asks the API.
+        from service import submit as submit_cli
+
+        with SweepQueue(env["SWEEP_DB_URL"]) as q:
+            v3 = q.submit("to-fail", SMOKE)
+            q.mark(v3.id, SweepState.RUNNING)
+            q.mark(v3.id, SweepState.FAILED, error="driver crashed")
+        code, out, err = cli(submit_cli, "--resume", v3.id, "--no-wait", "--json")
+        assert code == 0, err
+        assert json.loads(out) == {"sweep_id": v3.id, "state": "queued", "experiment_name": "to-fail"}
+        assert f"retrying failed sweep {v3.id}" in err
+        code, _, err = cli(submit_cli, "--resume", v3.id, "--no-wait")
+        assert code == 2 and "is queued; only a failed sweep can be retried" in err
 
         # Embedded mode: no service URL, the same queue database read directly.
         monkeypatch.delenv("SWEEP_SERVICE_URL")

@@ -210,13 +210,24 @@ def test_requeue_keeps_place_and_counts_attempts(q):
 
 
 def test_retry_failed_clears_finish_and_error(q):
-    (a,) = _submit_n(q, 1)
+    a, b = _submit_n(q, 2)
     q.claim_next()
     q.mark(a.id, S.FAILED, error="driver crashed")
-    rec = q.mark(a.id, S.QUEUED)
+    rec = q.retry(a.id)
     assert rec.state is S.QUEUED and rec.finished_at is None and rec.error is None
     again = q.claim_next(max_running=1)
-    assert again.id == a.id and again.attempts == 2
+    assert again.id == a.id and again.attempts == 2  # back at the front of the line
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.RUNNING, S.SUCCEEDED, S.CANCELLED])
+def test_retry_refuses_anything_but_failed(q, state):
+    (a,) = _submit_n(q, 1)
+    before = _drive(q, a.id, state)
+    with pytest.raises(InvalidTransition):
+        q.retry(a.id)
+    assert q.get(a.id) == before
+    with pytest.raises(KeyError):
+        q.retry("sw-nope")
 
 
 def test_terminal_sets_finished_at_and_error(q):
@@ -236,7 +247,6 @@ ALLOWED = {
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.CANCELLED),
     (S.RUNNING, S.QUEUED),
-    (S.FAILED, S.QUEUED),
 }
 
 
