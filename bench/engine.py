@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tp_engine.backends.numpy_backend import NumpyBackend  # noqa: E402
 from tp_engine.config import TrialConfig  # noqa: E402
+from tp_engine.machine import describe  # noqa: E402
 from tp_engine.step import Engine  # noqa: E402
 
 
@@ -181,8 +181,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     lee = [784] + [240] * 7 + [10]
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-                       "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")},
+    out = {"machine": describe(),
            "lee_mnist": {}, "pytorch_framework_setting": {}}
     for rule in ("bp", "dtp", "lstp", "rlstp"):
         out["lee_mnist"][f"numpy/{rule}"] = bench_numpy(rule, lee, 100, 500, args.repeats, args.steps)

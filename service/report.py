@@ -95,10 +95,10 @@ def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
     if machines:
         machine = {"source": "the trials' machine.* tags", "machines": [json.loads(m) for m in sorted(machines)]}
     else:
-        from worker.tracking import machine_tags
+        from tp_engine.machine import describe
 
         machine = {"source": "the trials predate machine tags; this is the machine the report ran on",
-                   "machines": [{k.removeprefix("machine."): v for k, v in machine_tags().items()}]}
+                   "machines": [describe()]}
     fin = lambda tr, k: tr.metrics.get(f"final/{k}")  # noqa: E731
     return {
         "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

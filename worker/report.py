@@ -33,7 +33,7 @@ class TrialRow:
     swept: dict[str, str]
     metrics: dict[str, float]
     machine: dict[str, str] = field(default_factory=dict)  # the trial's machine.* tags
-    train_seconds: float | None = None  # summed epoch times (a resumed trial's wall clock has a pause)
+    train_seconds: float = 0.0  # summed epoch times (a resumed trial's wall clock has a pause)
 
 
 @dataclass
@@ -114,14 +114,16 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
     cmp = Comparison(metric, mode, published)
     for run in child_runs(c, exp_id, parent_run_id):
         p, t, m = run.data.params, run.data.tags, dict(run.data.metrics)
+        seconds = _history(c, run.info.run_id, "seconds_per_epoch")
         if "final/epochs" not in m:
-            m.update(_summary_from_history(c, run.info.run_id))
+            m.update(_summary_from_history(c, run.info.run_id, seconds))
         key = json.dumps({k: v for k, v in sorted(p.items()) if k not in _NOT_CONFIG})
         cmp.trials.append(TrialRow(
             run.info.run_id, t.get(tracking.TAG_TRIAL, ""), t.get("rule", p.get("rule", "?")),
             int(p.get("seed", 0)), t.get(tracking.TAG_STATUS, "?"), key,
             {k: p[k] for k in swept if k in p}, m,
             {k.removeprefix("machine."): v for k, v in t.items() if k.startswith("machine.")},
+            sum(seconds.values()),
         ))
     better = max if mode == "max" else min
     by_rule: dict[str, list[TrialRow]] = defaultdict(list)
@@ -143,8 +145,6 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
         mean, std = _mean_std(vals)
         tmean, tstd = _mean_std(tests)
         best_trial = better(trials, key=lambda tr: _final(tr, metric) if _final(tr, metric) is not None else (-math.inf if mode == "max" else math.inf))
-        for tr in trials:
-            tr.train_seconds = sum(_history(c, tr.run_id, "seconds_per_epoch").values())
         spe = [tr.metrics.get("final/seconds_per_epoch") for tr in best_group]
         eps = [tr.metrics.get("final/epochs") for tr in best_group]
         counts: dict[str, int] = defaultdict(int)
@@ -182,10 +182,11 @@ def compare_sweep(c: MlflowClient, exp_id: str, parent_run_id: str, spec) -> Com
                    spec.published.model_dump() if spec.published else None)
 
 
-def _summary_from_history(c: MlflowClient, run_id: str) -> dict[str, float]:
+def _summary_from_history(c: MlflowClient, run_id: str, seconds: dict[int, float]) -> dict[str, float]:
     """For a trial that has not finished (interrupted, or still running): the same summary
     numbers the engine gives at the end, computed from its per-epoch history so far."""
-    hist = {key: _history(c, run_id, key) for key in ("valid_accuracy", "test_accuracy", "seconds_per_epoch")}
+    hist = {key: _history(c, run_id, key) for key in ("valid_accuracy", "test_accuracy")}
+    hist["seconds_per_epoch"] = seconds
     out: dict[str, float] = {}
     if hist["seconds_per_epoch"]:
         out["final/epochs"] = float(len(hist["seconds_per_epoch"]))
@@ -276,6 +277,7 @@ def _plot_published(cmp: Comparison, path: Path) -> Path:
     conv = (lambda acc: 100 * (1 - acc)) if as_error else (lambda acc: 100 * acc)  # noqa: E731
     rules = [r for r in cmp.tests if cmp.tests[r]]
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    star_label = "published"  # on the first star only
     for i, rule in enumerate(rules):
         ys = [conv(t) for t in cmp.tests[rule]]
         mean, std = _mean_std(ys)
@@ -285,8 +287,8 @@ def _plot_published(cmp: Comparison, path: Path) -> Path:
                     label="ours, mean ± std" if i == 0 else None)
         ref = pub.get("values", {}).get(rule)
         if ref is not None:
-            ax.scatter([i + 0.12], [100 * ref], marker="*", s=120, color="tab:red",
-                       label="published" if not any(pub.get("values", {}).get(r) is not None for r in rules[:i]) else None)
+            ax.scatter([i + 0.12], [100 * ref], marker="*", s=120, color="tab:red", label=star_label)
+            star_label = None
     ax.set_xticks(range(len(rules)), rules)
     ax.set_xlim(-0.6, len(rules) - 0.4)
     what = "test error (%)" if as_error else "test accuracy (%)"

@@ -93,12 +93,12 @@ _LISTENERS: dict[str, tuple[Progress, Callable[[Progress], None] | None]] = {}
 
 
 class _ProgressCallback(Callback):
-    def __init__(self, progress: Progress, metric: str, mode: str, key: str):
-        self._progress, self.metric, self.mode, self.key = progress, metric, mode, key
+    def __init__(self, metric: str, mode: str, key: str):
+        self.metric, self.mode, self.key = metric, mode, key
 
     def __setstate__(self, state):
-        # Sweeps first run by an older version pickled the progress under another name.
-        state.setdefault("_progress", state.pop("progress", None))
+        # Sweeps first run by an older version also pickled a copy of their progress.
+        state.pop("progress", None), state.pop("_progress", None)
         self.__dict__.update(state)
 
     def _entry(self):
@@ -111,8 +111,7 @@ class _ProgressCallback(Callback):
 
     @property
     def progress(self) -> Progress:
-        entry = self._entry()
-        return entry[0] if entry else self._progress
+        return self._entry()[0]
 
     def _update(self, trials):
         p = self.progress
@@ -125,7 +124,7 @@ class _ProgressCallback(Callback):
         p.errored = counts["ERROR"]
         p.running = counts["RUNNING"]
         p.pending = max(p.total - p.done - p.running, counts["PENDING"])
-        listener = (self._entry() or (None, None))[1]
+        listener = self._entry()[1]
         if listener is not None:
             listener(p)
 
@@ -152,7 +151,7 @@ class _ProgressCallback(Callback):
 
 def _progress_callback(progress: Progress, metric: str, mode: str, on_progress, key: str):
     _LISTENERS[key] = (progress, on_progress)
-    return _ProgressCallback(progress, metric, mode, key)
+    return _ProgressCallback(metric, mode, key)
 
 
 def storage_root(storage_path: str | None = None) -> str:

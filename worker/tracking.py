@@ -4,7 +4,6 @@ fluent API needs the parent active in the same process), and so a retried trial 
 again by tags instead of making a duplicate."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import mlflow
@@ -19,27 +18,10 @@ TAG_STATUS = "status"  # completed | early_stopped | diverged | failed | running
 
 
 def machine_tags() -> dict[str, str]:
-    """Where a trial ran: host, cores, BLAS and thread count (for the results record)."""
-    import platform
+    """Where a trial ran, as ``machine.*`` tags (for the results record)."""
+    from tp_engine.machine import describe
 
-    import numpy as np
-
-    blas = "unknown"
-    try:  # numpy >= 2 describes its build as dicts
-        info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        blas = f"{info.get('name', '?')} {info.get('version', '')}".strip()
-    except Exception:
-        pass
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"machine.host": platform.node(), "machine.cpus": str(os.cpu_count()),
-            "machine.cpu": cpu, "machine.blas": blas,
-            "machine.threads": os.environ.get("OMP_NUM_THREADS", "default"),
-            "machine.numpy": np.__version__, "machine.python": platform.python_version()}
+    return {f"machine.{k}": v for k, v in describe().items()}
 
 
 def client(tracking_uri: str) -> MlflowClient:
