@@ -10,9 +10,9 @@ Every tick (``poll_interval`` seconds, or at once when woken by the API):
 
 1. Each RUNNING sweep is polled. Its Ray Job's submission id is derived from the queue record:
    ``<sweep id>`` for attempt 1 and ``<sweep id>-r<attempt>`` after that (``submission_id``), so
-   nothing but the queue has to survive a restart. What the job left in
-   ``sweeps_dir/<id>/`` (started.json, progress.json) is copied into the queue. The job's end
-   maps to the sweep's end:
+   nothing but the queue has to survive a restart. What the job left in the sweep's folder
+   (``worker.lifecycle.SweepFolder``: started.json, progress.json) is copied into the queue. The
+   job's end maps to the sweep's end:
 
    * SUCCEEDED -> succeeded
    * FAILED -> failed (error = Ray's message and the tail of the job's logs); cancelled if a
@@ -48,7 +48,6 @@ While the Jobs API cannot be reached nothing is changed; the dispatcher retries 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -57,12 +56,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from service.queue import InvalidTransition, SweepQueue, SweepRecord, SweepState
 from service.settings import Settings
-from service.views import read_json
+from worker.lifecycle import SweepFolder
 
 log = logging.getLogger("service.dispatcher")
 
@@ -76,12 +74,6 @@ INFRA_ERRORS = frozenset({"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNK
 def submission_id(sweep_id: str, attempt: int) -> str:
     """The Ray Job submission id of a sweep's ``attempt`` (1-based)."""
     return sweep_id if attempt <= 1 else f"{sweep_id}-r{attempt}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tail(text: str, lines: int = 30, chars: int = 4000) -> str:
@@ -244,12 +236,9 @@ class Dispatcher:
     def launch(self, rec: SweepRecord) -> None:
         """Write the spec and submit (or adopt) the Ray Job of ``rec``'s current attempt."""
         sub_id = submission_id(rec.id, rec.attempts)
-        folder = self.settings.sweeps_dir / rec.id
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "spec.yaml", rec.spec_yaml)
-        _write_atomic(folder / "job.json", json.dumps({
-            "submission_id": sub_id, "attempt": rec.attempts, "submitted_at": time.time(),
-            "ray_address": self.settings.ray_address}))
+        folder = SweepFolder(self.settings.data_dir, rec.id)
+        folder.write_spec(rec.spec_yaml)
+        folder.write_job(sub_id, rec.attempts, self.settings.ray_address)
         try:
             self.client().submit_job(
                 entrypoint=ENTRYPOINT.format(sweep_id=rec.id),
@@ -328,9 +317,9 @@ class Dispatcher:
 
     def _sync_files(self, rec: SweepRecord) -> SweepRecord:
         """Copy the job's started.json / progress.json into the queue when they changed."""
-        folder = self.settings.sweeps_dir / rec.id
-        started = read_json(folder / "started.json")
-        progress = read_json(folder / "progress.json")
+        folder = SweepFolder(self.settings.data_dir, rec.id)
+        started = folder.started()
+        progress = folder.progress()
         exp = run = None
         if started:
             exp = str(started.get("experiment_id") or "") or None
@@ -356,23 +345,11 @@ class Dispatcher:
         self._follow.pop(rec.id, None)
 
     def _final_progress(self, rec: SweepRecord) -> None:
-        """Progress from the job's result.json (its last progress.json can lag behind: it is
-        throttled and written from Tune callbacks that may not see the last trial end)."""
-        folder = self.settings.sweeps_dir / rec.id
-        result = read_json(folder / "result.json")
-        if not result or not isinstance(result.get("trial_status"), dict):
-            return
-        try:
-            ts = {str(k): int(v) for k, v in result["trial_status"].items()}
-            total = int(result.get("n_trials") or sum(ts.values()))
-        except (TypeError, ValueError):
-            return
-        progress = dict(read_json(folder / "progress.json") or rec.progress or {})
-        unfinished = ts.get("running", 0) + ts.get("pending", 0)
-        progress.update(total=total, done=sum(ts.values()) - unfinished, running=0,
-                        pending=max(0, total - sum(ts.values()) + unfinished),
-                        errored=ts.get("failed", 0), trial_status=ts)
-        self.queue.update(rec.id, progress=progress)
+        """Progress with the final counts of the job's result.json (a job that died before
+        writing its final progress.json still gets them, if it wrote a result)."""
+        progress = SweepFolder(self.settings.data_dir, rec.id).final_progress(rec.progress)
+        if progress is not None:
+            self.queue.update(rec.id, progress=progress)
 
     def _requeue(self, rec: SweepRecord, why: str) -> None:
         try:

@@ -34,8 +34,43 @@ class ReportError(Exception):
         self.code = code
 
 
-# What a spec may change about a sweep already run: how it is described and what it is compared to.
-REPORT_ONLY_FIELDS = {"description", "published"}
+# What a spec may change about a sweep already run: how it is described, how its trials are
+# grouped and what they are compared to.
+REPORT_ONLY_FIELDS = {"description", "published", "report"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown_path(path: str | os.PathLike[str], roots: tuple[Path, ...] = ()) -> str:
+    """``path`` relative to the working directory or the repository when it lies inside one, so
+    what a report prints holds on another machine; else as given."""
+    p = Path(path).resolve()
+    for root in (*roots, Path.cwd(), REPO):
+        if p.is_relative_to(root.resolve()):
+            return str(p.relative_to(root.resolve())) or "."
+    return str(path)
+
+
+def shown_uri(uri: str, set_by_user: bool | None) -> str:
+    """A tracking URI fit for a report: as the user set it (MLFLOW_TRACKING_URI, --tracking-uri),
+    with any password masked; the embedded default store (sqlite:///<dir>/mlflow.db, ``dir``
+    being where the sweep ran) relative to that directory, as ``sqlite:///mlflow.db``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        uri = urlunsplit(parts._replace(netloc=netloc))
+    if set_by_user or not uri.startswith("sqlite:////"):
+        return uri
+    path = Path(uri.removeprefix("sqlite:///"))
+    for root in (Path.cwd(), REPO):
+        if path.is_relative_to(root.resolve()):
+            return f"sqlite:///{path.relative_to(root.resolve())}"
+    # Not under this checkout: the default store of the directory the sweep ran from (sweeps that
+    # predate the set_by_user flag count as that when the file has the default name).
+    if set_by_user is False or path.name == "mlflow.db":
+        return f"sqlite:///{path.name}"
+    return uri
 
 
 def build(view: SweepView, spec_yaml: str, tracking_uri: str | None, report_spec_yaml: str | None = None):
@@ -88,7 +123,7 @@ def write_outputs(cmp, outdir: Path, record_: dict | None = None, spec_yaml: str
     return plot(cmp, outdir)
 
 
-def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
+def record(view: SweepView, spec, cmp, shown: str, command: str) -> dict:
     """What it takes to find and reproduce a result: the sweep, its MLflow ids, each trial's run,
     the machines the trials ran on, and the commands."""
     machines = {json.dumps(tr.machine, sort_keys=True) for tr in cmp.trials if tr.machine}
@@ -100,6 +135,7 @@ def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
         machine = {"source": "the trials predate machine tags; this is the machine the report ran on",
                    "machines": [describe()]}
     fin = lambda tr, k: tr.metrics.get(f"final/{k}")  # noqa: E731
+    group = lambda tr: {"group": tr.group_name} if cmp.group_by else {}  # noqa: E731
     return {
         "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reproduce": "python -m service.submit spec.yaml",
@@ -107,22 +143,23 @@ def record(view: SweepView, spec, cmp, uri: str, command: str) -> dict:
         "sweep": {"id": view.id, "name": view.name, "state": view.state, "trials": view.n_trials,
                   "attempts": view.attempts, "created_at": view.created_at, "started_at": view.started_at,
                   "finished_at": view.finished_at},
-        "mlflow": {"tracking_uri": uri, "experiment_name": spec.name, "experiment_id": view.mlflow_experiment_id,
+        "mlflow": {"tracking_uri": shown, "experiment_name": spec.name, "experiment_id": view.mlflow_experiment_id,
                    "parent_run_id": view.mlflow_parent_run_id},
         "published": spec.published.model_dump() if spec.published else None,
+        "group_by": cmp.group_by,
         "trials": [{"run_id": tr.run_id, "trial_id": tr.trial_id, "rule": tr.rule, "seed": tr.seed,
-                    "status": tr.status, **tr.swept, "epochs": fin(tr, "epochs"), "best_epoch": fin(tr, "best_epoch"),
+                    "dataset": tr.dataset, **group(tr), "status": tr.status, **tr.swept, "epochs": fin(tr, "epochs"), "best_epoch": fin(tr, "best_epoch"),
                     "best_valid_accuracy": fin(tr, "best_valid_accuracy"),
                     "test_accuracy_at_best_valid": fin(tr, "test_accuracy_at_best_valid"),
                     "seconds_per_epoch": fin(tr, "seconds_per_epoch"),
                     "train_seconds": tr.train_seconds}
-                   for tr in sorted(cmp.trials, key=lambda t: (t.rule, t.seed, t.run_id))],
+                   for tr in sorted(cmp.trials, key=lambda t: (t.rule, t.group, t.seed, t.run_id))],
         "machine": machine,
         "table": "comparison.csv",
     }
 
 
-def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], md_path: Path,
+def markdown_document(view: SweepView, spec, cmp, shown: str, plots: list[Path], md_path: Path,
                       command: str, heading: bool = True) -> str:
     """The report as Markdown; plot links are relative to ``md_path``. Without ``heading`` it is a
     section to put under a heading of the host document's own."""
@@ -131,7 +168,7 @@ def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], m
     lines = [f"## Sweep results: {spec.name}", ""] if heading else []
     lines += [
         f"- sweep: `{view.id}` ({view.state}; {view.n_trials} trials; metric `{cmp.metric}`, mode `{cmp.mode}`)",
-        f"- MLflow: experiment `{view.mlflow_experiment_id}`, parent run `{view.mlflow_parent_run_id}` ({uri})",
+        f"- MLflow: experiment `{view.mlflow_experiment_id}`, parent run `{view.mlflow_parent_run_id}` ({shown})",
         f"- made {now:%Y-%m-%d %H:%M} UTC with `{command}`",
         "",
         cmp.to_markdown().rstrip(),
@@ -142,7 +179,7 @@ def markdown_document(view: SweepView, spec, cmp, uri: str, plots: list[Path], m
                 "published.png": "Test figure at the best validation epoch per seed, and the published one"}
     for p in plots:
         lines += [f"![{captions.get(p.name, p.stem)}]({rel(p)})", ""]
-    hint = mlflow_ui_hint(view.model_copy(update={"mlflow_tracking_uri": uri}))
+    hint = mlflow_ui_hint(view.model_copy(update={"mlflow_tracking_uri": shown}))
     if hint:
         lines += [f"MLflow UI: {hint}", ""]
     return "\n".join(lines)
@@ -164,6 +201,7 @@ def splice(path: Path, name: str, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # before MLflow sets it itself
     p = argparse.ArgumentParser(prog="python -m service.report", description="Compare the rules of a sweep.")
     p.add_argument("id", help="the sweep id")
     p.add_argument("--markdown", metavar="PATH", help="also write the table and plot links to this Markdown file")
@@ -197,9 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         if not cmp.rows:
             raise ReportError(f"{view.id}: no trial runs under parent run {view.mlflow_parent_run_id} in {uri}")
         outdir = Path(args.outdir) if args.outdir else settings.data_dir / "reports" / view.id
-        command = "python -m service.report " + shlex.join(argv)
+        # Paths in the command as the reader's checkout has them, not as this machine does.
+        command = "python -m service.report " + shlex.join(shown_path(a) if os.path.isabs(a) else a for a in argv)
+        if args.tracking_uri:
+            set_by_user = True
+        else:
+            from worker.lifecycle import SweepFolder
+
+            started = SweepFolder(settings.data_dir, view.id).started() or {}
+            set_by_user = started.get("tracking_uri_set_by_user",
+                                      True if user_uri == uri else None)
+        shown = shown_uri(uri, set_by_user)
         try:
-            plots = write_outputs(cmp, outdir.resolve(), record(view, spec, cmp, uri, command), spec_yaml)
+            plots = write_outputs(cmp, outdir.resolve(), record(view, spec, cmp, shown, command), spec_yaml)
         except OSError as e:
             raise ReportError(f"cannot write to {outdir}: {e.strerror or e}", 2) from None
         md_path = None
@@ -207,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             md_path = Path(args.markdown).resolve()
             try:
                 md_path.parent.mkdir(parents=True, exist_ok=True)
-                md_path.write_text(markdown_document(view, spec, cmp, uri, plots, md_path, command))
+                md_path.write_text(markdown_document(view, spec, cmp, shown, plots, md_path, command))
             except OSError as e:
                 raise ReportError(f"cannot write {md_path}: {e.strerror or e}", 2) from None
         if args.into:
             into = Path(args.into).resolve()
-            splice(into, spec.name, markdown_document(view, spec, cmp, uri, plots, into, command, heading=False))
+            splice(into, spec.name, markdown_document(view, spec, cmp, shown, plots, into, command, heading=False))
     except ServiceError as e:
         print(f"service.report: {e}", file=sys.stderr)
         return 2 if e.is_bad_input else 1
@@ -231,18 +279,45 @@ def main(argv: list[str] | None = None) -> int:
         }, indent=2, default=str))
         return 0
     from rich.console import Console
-    from rich.markdown import Markdown
+
+    from service.status import comparison_view
 
     console = Console()
     console.print(f"[bold]{view.id}[/] {view.name} ({view.state}): {cmp.metric} ({cmp.mode}) per rule, "
-                  f"MLflow experiment {view.mlflow_experiment_id}, parent run {view.mlflow_parent_run_id}")
-    console.print(Markdown(cmp.to_markdown()))
-    console.print(f"tables and plots: {outdir.resolve()}")
+                  f"MLflow experiment {view.mlflow_experiment_id}, parent run {view.mlflow_parent_run_id} ({shown})")
+    console.print(comparison_view(cmp.rows, console))
+    pub = published_line(cmp)
+    if pub:
+        console.print(pub, highlight=False)
+    console.print(f"tables and plots (the full table: comparison.md): {shown_path(outdir)}/")
     for x in plots:
-        console.print(f"  {x}")
+        console.print(f"  {shown_path(x)}")
     if md_path:
-        console.print(f"markdown: {md_path}")
+        console.print(f"markdown: {shown_path(md_path)}")
     return 0
+
+
+def published_line(cmp) -> str | None:
+    """The published figures beside ours, on one line (the terminal table has no room for them)."""
+    pub = cmp.published
+    if not pub:
+        return None
+    as_error = pub["metric"] == "test_error"
+    parts = []
+    for r in cmp.rows:
+        name = r.get("group", r["rule"])
+        ref = cmp.published_value(name)
+        if ref is None:
+            continue
+        if r["test_mean"] is None:
+            ours = "–"
+        elif as_error:
+            ours = f"{100 * (1 - r['test_mean']):.2f}% ± {100 * (r['test_std'] or 0):.2f}"
+        else:
+            ours = f"{r['test_mean']:.4f} ± {r['test_std'] or 0:.4f}"
+        parts.append(f"{name} {100 * ref:.2f}%" if as_error else f"{name} {ref:.4f}")
+        parts[-1] += f" (ours {ours})"
+    return f"published {pub['metric'].replace('_', ' ')} ({pub['source']}): " + ", ".join(parts) if parts else None
 
 
 if __name__ == "__main__":

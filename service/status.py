@@ -64,6 +64,59 @@ def best_text(v: SweepView) -> str:
                      for rule, value in best.items()) or "–"
 
 
+COMPARISON_TITLE = "Comparison of the rules (mean ± std over seeds of each rule's best config)"
+
+
+def _pm(mean, std) -> str:
+    return "–" if mean is None else f"{mean:.4f} ± {std or 0:.4f}"
+
+
+def _num(v, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def trials_text(row: dict) -> str:
+    """'6', or '6 (2 diverged)' when not every trial completed."""
+    counts = dict(part.split(":", 1) for part in (row.get("statuses") or "").split() if ":" in part)
+    other = [f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if status != "completed"]
+    return str(row.get("trials", "?")) + (f" ({', '.join(other)})" if other else "")
+
+
+def _label(row: dict, group_by: list[str]) -> str:
+    return " · ".join([str(row["rule"]), *(str(row.get(g, "?")) for g in group_by)])
+
+
+def comparison_view(rows: list[dict], console: Console, title: str | None = None):
+    """The rule comparison (rows of ``worker.report.Comparison``) as the terminal can show it: a
+    table when it fits at its natural width, else two lines per rule (nothing cut to "vali…")."""
+    from rich.measure import Measurement
+    from rich.text import Text
+
+    if not rows:
+        return Text("no trials to compare yet")
+    metric = rows[0].get("metric") or "metric"
+    # Grouped comparisons name their grouping parameters (comma-separated) in every row.
+    group_by = [g for g in str(rows[0].get("group_by") or "").split(",") if g]
+    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    for col in ("rule", *group_by, f"{metric} (mean ± std)", "test acc", "best", "config", "s/epoch", "trials"):
+        t.add_column(col, no_wrap=True)
+    for r in rows:
+        t.add_row(str(r["rule"]), *(str(r.get(g, "?")) for g in group_by), _pm(r["metric_mean"], r["metric_std"]),
+                  _pm(r["test_mean"], r["test_std"]), _num(r["best_trial_metric"], 4), r["best_config"] or "defaults",
+                  _num(r["seconds_per_epoch"], 2), trials_text(r))
+    if console.width >= 100 and Measurement.get(console, console.options, t).maximum <= console.width:
+        return t
+    # Narrow: a vertical layout, one block of two lines per rule.
+    lines = Text(f"{title}\n" if title else "")
+    for r in rows:
+        config = f" · {r['best_config']}" if r["best_config"] else ""
+        lines.append(_label(r, group_by), style="bold")
+        lines.append(f"{config}   trials {trials_text(r)}, {_num(r['seconds_per_epoch'], 2)} s/epoch\n")
+        lines.append(f"  {metric} {_pm(r['metric_mean'], r['metric_std'])} (best {_num(r['best_trial_metric'], 4)})"
+                     f"   test acc {_pm(r['test_mean'], r['test_std'])}\n")
+    return lines
+
+
 def sweeps_table(views: list[SweepView]) -> Table:
     t = Table(box=box.SIMPLE_HEAVY, header_style="bold")
     for col in ("id", "name", "state", "progress", "best per rule", "age"):
@@ -134,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(v.model_dump_json(indent=2))
                     return 0
                 console.print(detail_table(v, ray_job=isinstance(src, SweepClient)))
-                table_md = (v.result or {}).get("table_markdown")
-                if table_md:
-                    console.print(Markdown(table_md))
+                result = v.result or {}
+                if result.get("table"):
+                    console.print(comparison_view(result["table"], console, COMPARISON_TITLE))
+                elif result.get("table_markdown"):
+                    console.print(Markdown(result["table_markdown"]))
                 return 0
             views = src.list(args.state, args.limit)
             if args.json:

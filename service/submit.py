@@ -7,6 +7,7 @@ success, 2 invalid input, 1 anything else (an interrupted sweep exits 130)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -144,7 +145,9 @@ def submit_remote(url: str, spec_text: str | None, args) -> int:
         return EXIT_INTERRUPTED
     result = view.result or {}
     if result.get("table"):
-        console.print(comparison_table(result["table"]))
+        from service.status import COMPARISON_TITLE, comparison_view
+
+        console.print(comparison_view(result["table"], console, COMPARISON_TITLE))
     console.print(f"sweep [bold]{view.id}[/]: {view.state}" + (f" ({view.error})" if view.error else ""))
     if view.mlflow_tracking_uri:
         console.print(f"MLflow: {view.mlflow_tracking_uri}, experiment '{view.name}', parent run {view.mlflow_parent_run_id}")
@@ -201,15 +204,23 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
                 console.print(f"[yellow]note:[/] sweep {old.id} ({old.name}) was interrupted; "
                               f"resume it with: python -m service.submit --resume {old.id}")
         rec = queue.submit(spec.name, spec_text, spec.priority if args.priority is None else args.priority)
-        console.print(f"queued sweep [bold]{rec.id}[/] ({spec.name}, {spec.n_trials()} trials) in {st.db_url}")
+        from service.report import shown_uri
+
+        console.print(f"queued sweep [bold]{rec.id}[/] ({spec.name}, {spec.n_trials()} trials) in "
+                      f"{shown_uri(st.db_url, None)}")
     if not args.wait:
-        log = st.sweeps_dir / rec.id / "embedded.log"
+        from worker.lifecycle import SweepFolder
+
+        log = SweepFolder(st.data_dir, rec.id).log_path
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as f:
             # A detached process runs it, so this command returns at once.
             subprocess.Popen([sys.executable, "-m", "service.submit", "--resume", rec.id],
                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        console.print(f"running in the background; log: {log}; follow with: python -m service.status {rec.id}")
+        from service.report import shown_path
+
+        console.print(f"running in the background; log: {shown_path(log)}; follow with: "
+                      f"python -m service.status {rec.id}")
         if args.json:
             print(json.dumps({"sweep_id": rec.id, "state": "queued", "experiment_name": spec.name}))
         return EXIT_OK
@@ -218,56 +229,70 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
 
 def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
     from service.queue import SweepState
-    from worker.job import write_started
-    from worker.sweep import run_sweep
+    from worker.lifecycle import INTERRUPTED, SweepFolder, SweepRun, crashed
 
     queue.mark(sweep_id, SweepState.RUNNING)
-    ids: dict[str, str] = {}
-
-    def on_start(exp_id: str, parent_id: str) -> None:
-        ids.update(experiment_id=exp_id, parent_run_id=parent_id)
-        queue.update(sweep_id, mlflow_experiment_id=exp_id, mlflow_parent_run_id=parent_id)
-        # As a service job does: status and report then find this sweep's MLflow from any cwd.
-        write_started(st.sweeps_dir / sweep_id, exp_id, parent_id, st.tracking_uri, spec.name)
-
     display = _LiveProgress(console, spec, sweep_id)
-    last = [0.0]
+    folder = SweepFolder(st.data_dir, sweep_id)
+    # The same folder and files as a service's Ray job, so status and report read both alike;
+    # the queue gets the progress a service's dispatcher would copy from progress.json.
+    run = SweepRun(folder, spec, st.tracking_uri, throttle_s=2.0,
+                   on_started=lambda exp_id, parent_id: queue.update(
+                       sweep_id, mlflow_experiment_id=exp_id, mlflow_parent_run_id=parent_id),
+                   on_progress=display.update,
+                   on_saved=lambda progress: queue.update(sweep_id, progress=progress))
+    from service.report import shown_path
 
-    def on_progress(p) -> None:
-        display.update(p)
-        if time.time() - last[0] > 2 or p.done == p.total:
-            last[0] = time.time()
-            queue.update(sweep_id, progress=p.as_dict())
-
+    console.print(f"messages of Ray, Tune and MLflow: {shown_path(folder.log_path)}", highlight=False)
     try:
-        with display:
-            res = run_sweep(spec, st.tracking_uri, str(st.storage_path), sweep_id=sweep_id,
-                            on_progress=on_progress, on_start=on_start, num_cpus=args.num_cpus)
+        with _library_output_to(folder.log_path, console), display:
+            res = run.run(num_cpus=args.num_cpus)
     except KeyboardInterrupt:
-        queue.mark(sweep_id, SweepState.QUEUED)
+        queue.mark(sweep_id, SweepState(INTERRUPTED.queue_state))
         console.print(f"[yellow]interrupted.[/] Resume with: python -m service.submit --resume {sweep_id}")
-        return EXIT_INTERRUPTED
+        return INTERRUPTED.exit_code
     except Exception as e:  # the sweep's own failure, not bad input
-        queue.mark(sweep_id, SweepState.FAILED, error=f"{type(e).__name__}: {e}")
+        out = crashed(e)
+        queue.mark(sweep_id, SweepState(out.queue_state), error=out.error)
         raise
-    queue.update(sweep_id, progress={**display.progress_dict(), **(res.progress or {}), "result": _small(res.as_dict())})
+    out = run.finish(res)
+    queue.mark(sweep_id, SweepState(out.queue_state), error=out.error)
     if res.state == "interrupted":
-        queue.mark(sweep_id, SweepState.QUEUED)
         console.print(f"[yellow]interrupted[/] ({res.trial_status}). "
                       f"Resume with: python -m service.submit --resume {sweep_id}")
-        code = EXIT_INTERRUPTED
     else:
-        queue.mark(sweep_id, SweepState.SUCCEEDED if res.state == "succeeded" else SweepState.FAILED,
-                   error=None if res.state == "succeeded" else f"trials: {res.trial_status}")
-        print_result(console, res)
-        code = EXIT_OK if res.state == "succeeded" else EXIT_FAIL
+        print_result(console, res, run.tracking_uri_set_by_user)
     if args.json:
         print(json.dumps(summary_json(res)))
-    return code
+    return out.exit_code
 
 
-def _small(d: dict) -> dict:
-    return {k: d[k] for k in ("state", "trial_status", "table", "table_markdown", "artifacts") if k in d}
+@contextlib.contextmanager
+def _library_output_to(log: Path, console):
+    """Send whatever writes to stderr meanwhile (Ray's token notice, MLflow's database creation,
+    Tune's messages, C++ logs alike: they all write to file descriptor 2) to ``log``; ``console``
+    keeps writing where stderr went before."""
+    try:
+        redirect = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # stderr is captured in-process (tests)
+        redirect = False
+    if not redirect:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    console.file = real
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real.fileno(), 2)
+        console.file = None  # back to sys.stderr (see _console)
+        real.close()
 
 
 def summary_json(res) -> dict[str, Any]:
@@ -279,32 +304,18 @@ def summary_json(res) -> dict[str, Any]:
     }
 
 
-def print_result(console, res) -> None:
+def print_result(console, res, tracking_uri_set_by_user: bool) -> None:
+    from service.report import shown_path, shown_uri
+    from service.status import COMPARISON_TITLE, comparison_view
+
     console.print(f"\nsweep [bold]{res.sweep_id}[/]: {res.state} {res.trial_status} in {res.seconds:.0f} s")
-    console.print(comparison_table(res.table))
-    console.print(f"table and plots: {Path(res.artifacts[0]).parent if res.artifacts else '-'} "
+    console.print(comparison_view(res.table, console, COMPARISON_TITLE))
+    console.print(f"table and plots: {shown_path(Path(res.artifacts[0]).parent) if res.artifacts else '-'} "
                   f"(also on the MLflow parent run {res.parent_run_id})")
     console.print("open the MLflow UI with:")
-    console.print(f"  [bold]mlflow ui --backend-store-uri {res.tracking_uri}[/]", soft_wrap=True)
+    uri = shown_uri(res.tracking_uri, tracking_uri_set_by_user)
+    console.print(f"  [bold]mlflow ui --backend-store-uri {uri}[/]", soft_wrap=True)
     console.print(f"  then http://127.0.0.1:5000, experiment '{res.experiment_name}'")
-
-
-def comparison_table(rows: list[dict]):
-    """The per-rule comparison as a compact Rich table (the Markdown version is on MLflow)."""
-    from rich.table import Table
-
-    metric = rows[0]["metric"] if rows else "metric"
-    t = Table(title="Comparison of propagation rules (mean ± std over seeds of each rule's best config)")
-    for col in ("rule", metric, "test acc", "best trial", "config", "s/epoch", "trials"):
-        t.add_column(col, overflow="fold")
-    pm = lambda m, s: "–" if m is None else f"{m:.4f} ± {s or 0:.4f}"  # noqa: E731
-    for r in rows:
-        t.add_row(r["rule"], pm(r["metric_mean"], r["metric_std"]), pm(r["test_mean"], r["test_std"]),
-                  "–" if r["best_trial_metric"] is None else f"{r['best_trial_metric']:.4f}",
-                  r["best_config"] or "defaults",
-                  "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.2f}",
-                  r["statuses"])
-    return t
 
 
 class _LiveProgress:
@@ -317,7 +328,9 @@ class _LiveProgress:
         self.p = None
         self.t0 = time.time()
         self._logged_done, self._logged_at = -1, 0.0
-        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
+        # No redirection of sys.stdout/stderr into the display: libraries' output belongs in the log.
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False,
+                         redirect_stdout=False, redirect_stderr=False)
 
     def __enter__(self):
         self.live.__enter__()
@@ -341,9 +354,6 @@ class _LiveProgress:
                                    f"{p.running} running, {now - self.t0:.0f}s"
                                    + (f"; best {self.spec.search.metric}: {best}" if best else ""),
                                    highlight=False, soft_wrap=True)
-
-    def progress_dict(self) -> dict:
-        return self.p.as_dict() if self.p else {}
 
     def _render(self):
         from rich.progress_bar import ProgressBar

@@ -1,6 +1,10 @@
 """The comparison of propagation rules that a sweep leaves on its parent run: a table (CSV and
 Markdown) with mean and std of the spec's metric over seeds per rule, the best trial per rule, and
-plots (validation accuracy against epoch; final angle to backprop per layer)."""
+plots (validation accuracy against epoch; final angle to backprop per layer).
+
+Trials are compared per rule, or, when the spec names grid parameters to group by (``report:
+{group_by: [dataset]}``), per rule and value of those parameters: a *group*, named
+``rule/value...`` (``ddtp_linear/fashion_mnist``). Rules come in the rule registry's order."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +21,6 @@ from mlflow.tracking import MlflowClient
 
 from worker import tracking
 
-RULE_ORDER = ["bp", "dtp", "rlstp", "lstp"]
 # Keys of a child run's params that do not define "the same configuration" across seeds.
 _NOT_CONFIG = {"seed"}
 
@@ -34,38 +37,53 @@ class TrialRow:
     metrics: dict[str, float]
     machine: dict[str, str] = field(default_factory=dict)  # the trial's machine.* tags
     train_seconds: float = 0.0  # summed epoch times (a resumed trial's wall clock has a pause)
+    dataset: str = ""
+    group: tuple[str, ...] = ()  # the values of the spec's group_by parameters
+
+    @property
+    def group_name(self) -> str:
+        return "/".join((self.rule, *self.group))
 
 
 @dataclass
 class Comparison:
     metric: str
     mode: str
-    published: dict[str, Any] | None = None  # {"source", "metric", "values": {rule: value}}
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per rule
+    published: dict[str, Any] | None = None  # {"source", "metric", "values": {rule or group: value}}
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per group
     trials: list[TrialRow] = field(default_factory=list)
-    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # rule -> {epoch, mean, lo, hi}
-    angles: dict[str, dict[int, float]] = field(default_factory=dict)  # rule -> layer -> degrees
-    tests: dict[str, list[float]] = field(default_factory=dict)  # rule -> test acc @ best valid, per seed
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # group -> {epoch, mean, lo, hi}
+    angles: dict[str, dict[int, float]] = field(default_factory=dict)  # group -> layer -> degrees
+    tests: dict[str, list[float]] = field(default_factory=dict)  # group -> test acc @ best valid, per seed
+    group_by: list[str] = field(default_factory=list)  # grid parameters grouped by, besides the rule
+    groups: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # group -> (rule, values)
+
+    def published_value(self, group: str) -> float | None:
+        """The published figure of a group: keyed by the group (``dtp/mnist``), else by its rule."""
+        values = (self.published or {}).get("values") or {}
+        return values[group] if group in values else values.get(self.groups.get(group, (group,))[0])
 
     def to_markdown(self) -> str:
-        cols = ["rule", "trials", "seeds", "best config", f"{self.metric} (mean ± std)",
+        cols = ["rule", *self.group_by, "trials", "seeds", "best config", f"{self.metric} (mean ± std)",
                 "test acc @ best valid (mean ± std)", "best trial", "epochs", "s/epoch (median)", "train s", "statuses"]
         pub = self.published
+        at = 6 + len(self.group_by)  # where the published columns go: after our test accuracy
         if pub:
-            cols[6:6] = ["test error (ours)", f"published {pub['metric'].replace('_', ' ')}"]
+            cols[at:at] = ["test error (ours)", f"published {pub['metric'].replace('_', ' ')}"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:
             cells = [
-                f"`{r['rule']}`", str(r["trials"]), str(r["seeds"]), r["best_config"] or "(defaults)",
+                f"`{r['rule']}`", *(str(r[g]) for g in self.group_by), str(r["trials"]), str(r["seeds"]),
+                r["best_config"] or "(defaults)",
                 _pm(r["metric_mean"], r["metric_std"]), _pm(r["test_mean"], r["test_std"]),
                 _num(r["best_trial_metric"]), _num(r["epochs"], 0), _num(r["seconds_per_epoch"], 2),
                 _num(r["train_seconds"], 0), r["statuses"],
             ]
             if pub:
                 ours = "–" if r["test_mean"] is None else f"{100 * (1 - r['test_mean']):.2f}% ± {100 * (r['test_std'] or 0):.2f}"
-                ref = pub["values"].get(r["rule"])
+                ref = self.published_value(r.get("group", r["rule"]))
                 ref_s = "–" if ref is None else (f"{100 * ref:.2f}%" if pub["metric"] == "test_error" else f"{ref:.4f}")
-                cells[6:6] = [ours, ref_s]
+                cells[at:at] = [ours, ref_s]
             lines.append("| " + " | ".join(cells) + " |")
         if pub:
             lines.append(f"\nPublished figures: {pub['source']}. Test error is read at each trial's epoch of best "
@@ -102,16 +120,27 @@ def child_runs(c: MlflowClient, exp_id: str, parent_run_id: str):
     return c.search_runs([exp_id], filter_string=flt, max_results=5000)
 
 
+def rule_order() -> list[str]:
+    """Rules in the registry's order (the order tables list them in)."""
+    from tp_engine.rules import RULES
+
+    return list(RULES)
+
+
 def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "valid_accuracy",
             mode: str = "max", swept: list[str] | None = None,
-            published: dict[str, Any] | None = None) -> Comparison:
+            published: dict[str, Any] | None = None, group_by: list[str] | None = None,
+            group_values: dict[str, list[Any]] | None = None) -> Comparison:
     """Gather the child runs of a sweep and compare the rules.
 
-    Per rule, trials are grouped by configuration (all params but the seed); the configuration with
-    the best mean ``metric`` over seeds is the rule's entry. Selection uses the validation metric
-    only; the test accuracy shown is each trial's test accuracy at its best validation epoch."""
-    swept = [p for p in (swept or []) if p != "rule"]
-    cmp = Comparison(metric, mode, published)
+    Trials are grouped by rule and by the values of the ``group_by`` parameters (listed in the
+    order of ``group_values``, then rules in registry order). Within a group, trials are split by
+    configuration (all params but the seed); the configuration with the best mean ``metric`` over
+    seeds is the group's entry. Selection uses the validation metric only; the test accuracy shown
+    is each trial's test accuracy at its best validation epoch."""
+    group_by = [g for g in (group_by or []) if g != "rule"]
+    swept = [p for p in (swept or []) if p != "rule" and p not in group_by]
+    cmp = Comparison(metric, mode, published, group_by=group_by)
     for run in child_runs(c, exp_id, parent_run_id):
         p, t, m = run.data.params, run.data.tags, dict(run.data.metrics)
         seconds = _history(c, run.info.run_id, "seconds_per_epoch")
@@ -123,23 +152,35 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             int(p.get("seed", 0)), t.get(tracking.TAG_STATUS, "?"), key,
             {k: p[k] for k in swept if k in p}, m,
             {k.removeprefix("machine."): v for k, v in t.items() if k.startswith("machine.")},
-            sum(seconds.values()),
+            sum(seconds.values()), t.get("dataset", p.get("dataset", "")),
+            tuple(p.get(g, "?") for g in group_by),
         ))
     better = max if mode == "max" else min
-    by_rule: dict[str, list[TrialRow]] = defaultdict(list)
+    by_group: dict[str, list[TrialRow]] = defaultdict(list)
     for tr in cmp.trials:
-        by_rule[tr.rule].append(tr)
-    for rule in sorted(by_rule, key=lambda r: (RULE_ORDER.index(r) if r in RULE_ORDER else 99, r)):
-        trials = by_rule[rule]
-        groups: dict[str, list[TrialRow]] = defaultdict(list)
+        by_group[tr.group_name].append(tr)
+        cmp.groups[tr.group_name] = (tr.rule, tr.group)
+    rules = rule_order()
+    # MLflow params are strings: order a group's values by where they stand in the spec's grid.
+    where = {g: [str(v) for v in (group_values or {}).get(g, [])] for g in group_by}
+    index = lambda order, x: (order.index(x) if x in order else len(order), x)  # noqa: E731
+
+    def sort_key(name: str):
+        rule, values = cmp.groups[name]
+        return (*(index(where[g], v) for g, v in zip(group_by, values)), index(rules, rule))
+
+    for name in sorted(by_group, key=sort_key):
+        trials = by_group[name]
+        rule, values = cmp.groups[name]
+        configs: dict[str, list[TrialRow]] = defaultdict(list)
         for tr in trials:
-            groups[tr.config_key].append(tr)
+            configs[tr.config_key].append(tr)
 
         def score(g: list[TrialRow]) -> float:
             mean, _ = _mean_std([_final(tr, metric) for tr in g])
             return mean if mean is not None else (-math.inf if mode == "max" else math.inf)
 
-        best_group = better(groups.values(), key=score)
+        best_group = better(configs.values(), key=score)
         vals = [_final(tr, metric) for tr in best_group]
         tests = [tr.metrics.get("final/test_accuracy_at_best_valid", tr.metrics.get("test_accuracy")) for tr in best_group]
         mean, std = _mean_std(vals)
@@ -152,8 +193,11 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             counts[tr.status] += 1
         s_mean = _mean_std(spe)[0]
         e_mean = _mean_std(eps)[0]
+        # Ungrouped rows keep their original keys (reports and CSVs made before grouping existed).
+        grouping = {**dict(zip(group_by, values)), "group": name, "group_by": ",".join(group_by)} if group_by else {}
         cmp.rows.append({
             "rule": rule,
+            **grouping,
             "trials": len(trials),
             "seeds": len({tr.seed for tr in best_group}),
             "best_config": ", ".join(f"{k}={v}" for k, v in best_group[0].swept.items()),
@@ -169,17 +213,20 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             "train_seconds": _mean_std([tr.train_seconds for tr in best_group])[0],
             "statuses": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
         })
-        cmp.curves[rule] = _curve(c, best_group, metric)
-        cmp.angles[rule] = _angles(best_group)
-        cmp.tests[rule] = [t for t in tests if t is not None and math.isfinite(t)]
+        cmp.curves[name] = _curve(c, best_group, metric)
+        cmp.angles[name] = _angles(best_group)
+        cmp.tests[name] = [t for t in tests if t is not None and math.isfinite(t)]
     return cmp
 
 
 def compare_sweep(c: MlflowClient, exp_id: str, parent_run_id: str, spec) -> Comparison:
-    """``compare`` with what a sweep spec says: its metric, mode, swept parameters and the
-    published figures to show beside ours."""
+    """``compare`` with what a sweep spec says: its metric, mode, swept parameters, the grid
+    parameters to group by and the published figures to show beside ours."""
+    group_by = list(spec.report.group_by) if getattr(spec, "report", None) else []
+    grid = spec.grid_params()
     return compare(c, exp_id, parent_run_id, spec.search.metric, spec.search.mode, list(spec.parameters),
-                   spec.published.model_dump() if spec.published else None)
+                   spec.published.model_dump() if spec.published else None, group_by,
+                   {g: grid.get(g, []) for g in group_by})
 
 
 def _summary_from_history(c: MlflowClient, run_id: str, seconds: dict[int, float]) -> dict[str, float]:
@@ -238,67 +285,97 @@ def _angles(trials: list[TrialRow]) -> dict[int, float]:
     return {l: statistics.fmean(v) for l, v in sorted(per_layer.items())}
 
 
+def _panels(cmp: Comparison) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(panel title, [(line label, group)])]: one panel per value of the group_by parameters,
+    a line per rule; ungrouped, one panel with a line per rule."""
+    panels: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    for name in cmp.curves:  # in table order
+        rule, values = cmp.groups.get(name, (name, ()))
+        panels.setdefault(values, []).append((rule, name))
+    return [(", ".join(f"{g}={v}" for g, v in zip(cmp.group_by, values)), lines) for values, lines in panels.items()]
+
+
+def _subplots(n: int):
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
 def plot(cmp: Comparison, outdir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for rule, cv in cmp.curves.items():
-        if not cv["epoch"]:
-            continue
-        ax.plot(cv["epoch"], cv["mean"], marker="o", ms=3, label=rule)
-        ax.fill_between(cv["epoch"], cv["lo"], cv["hi"], alpha=0.2)
+    panels = _panels(cmp)
     metric_name = next((cv["metric"] for cv in cmp.curves.values()), "valid_accuracy")
-    paths.append(_finish(fig, ax, outdir / "learning_curves.png", "epoch",
-                         f"{metric_name} (mean ± std over seeds)", "Validation curve per rule"))
+    fig, axes = _subplots(max(len(panels), 1))
+    for ax, (title, lines) in zip(axes, panels):
+        for label, name in lines:
+            cv = cmp.curves[name]
+            if not cv["epoch"]:
+                continue
+            ax.plot(cv["epoch"], cv["mean"], marker="o", ms=3, label=label)
+            ax.fill_between(cv["epoch"], cv["lo"], cv["hi"], alpha=0.2)
+        _label(ax, "epoch", f"{metric_name} (mean ± std over seeds)", _title("Validation curve per rule", title))
+    paths.append(_finish(fig, outdir / "learning_curves.png"))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for rule, angles in cmp.angles.items():
-        if angles:
-            ax.plot(list(angles), list(angles.values()), marker="o", label=rule)
-    ax.axhline(90, color="gray", ls="--", lw=0.8)
-    paths.append(_finish(fig, ax, outdir / "angle_bp.png", "layer", "angle to backprop update (degrees)",
-                         "Final angle to backprop per layer"))
+    fig, axes = _subplots(max(len(panels), 1))
+    for ax, (title, lines) in zip(axes, panels):
+        for label, name in lines:
+            angles = cmp.angles.get(name)
+            if angles:
+                ax.plot(list(angles), list(angles.values()), marker="o", label=label)
+        ax.axhline(90, color="gray", ls="--", lw=0.8)
+        _label(ax, "layer", "angle to backprop update (degrees)", _title("Final angle to backprop per layer", title))
+    paths.append(_finish(fig, outdir / "angle_bp.png"))
     if cmp.published and any(cmp.tests.values()):
         paths.append(_plot_published(cmp, outdir / "published.png"))
     return paths
 
 
+def _title(what: str, panel: str) -> str:
+    return f"{what}: {panel}" if panel else what
+
+
 def _plot_published(cmp: Comparison, path: Path) -> Path:
-    """Per rule: each seed's test figure at its best validation epoch, their mean ± std, and the
-    published figure beside them."""
+    """Per rule (or group): each seed's test figure at its best validation epoch, their mean ±
+    std, and the published figure beside them."""
     import matplotlib.pyplot as plt
 
     pub = cmp.published or {}
     as_error = pub.get("metric") == "test_error"
     conv = (lambda acc: 100 * (1 - acc)) if as_error else (lambda acc: 100 * acc)  # noqa: E731
-    rules = [r for r in cmp.tests if cmp.tests[r]]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    groups = [g for g in cmp.tests if cmp.tests[g]]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * len(groups)), 4))
     star_label = "published"  # on the first star only
-    for i, rule in enumerate(rules):
-        ys = [conv(t) for t in cmp.tests[rule]]
+    for i, group in enumerate(groups):
+        ys = [conv(t) for t in cmp.tests[group]]
         mean, std = _mean_std(ys)
         ax.scatter([i - 0.12] * len(ys), ys, s=18, color="tab:blue", alpha=0.6,
                    label="ours, one seed" if i == 0 else None)
         ax.errorbar([i], [mean], yerr=[std or 0.0], fmt="o", color="tab:blue", capsize=4,
                     label="ours, mean ± std" if i == 0 else None)
-        ref = pub.get("values", {}).get(rule)
+        ref = cmp.published_value(group)
         if ref is not None:
             ax.scatter([i + 0.12], [100 * ref], marker="*", s=120, color="tab:red", label=star_label)
             star_label = None
-    ax.set_xticks(range(len(rules)), rules)
-    ax.set_xlim(-0.6, len(rules) - 0.4)
+    ax.set_xticks(range(len(groups)), groups, rotation=45 if cmp.group_by else 0,
+                  ha="right" if cmp.group_by else "center")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     what = "test error (%)" if as_error else "test accuracy (%)"
-    return _finish(fig, ax, path, "rule", f"{what} at best validation epoch", "Ours against the published figure",
-                   integer_x=False)
+    _label(ax, "rule/" + "/".join(cmp.group_by) if cmp.group_by else "rule", f"{what} at best validation epoch",
+           "Ours against the published figure", integer_x=False)
+    return _finish(fig, path)
 
 
-def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, integer_x: bool = True) -> Path:
-    """Label, save and close one plot (integer x ticks for epochs and layers)."""
-    import matplotlib.pyplot as plt
+def _label(ax, xlabel: str, ylabel: str, title: str, integer_x: bool = True) -> None:
+    """Label one panel (integer x ticks for epochs and layers)."""
     from matplotlib.ticker import MaxNLocator
 
     if integer_x:
@@ -307,7 +384,14 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, integer_x
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _finish(fig, path: Path) -> Path:
+    """Save and close one figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -491,7 +491,31 @@ class Published(BaseModel):
 
     source: str = Field(min_length=1, max_length=500)
     metric: Literal["test_error", "test_accuracy"] = "test_error"
-    values: dict[Literal["bp", "lstp", "rlstp", "dtp"], float] = Field(min_length=1)
+    # Keyed by rule (dtp), or by group (dtp/fashion_mnist) when the report groups trials.
+    values: dict[str, float] = Field(min_length=1)
+
+    @field_validator("values")
+    @classmethod
+    def _keys(cls, v: dict[str, float]) -> dict[str, float]:
+        errors: list[FieldError] = []
+        for key in v:
+            rule = key.split("/")[0]
+            try:
+                TrialConfig.model_validate({"rule": rule})
+            except ValidationError as e:
+                errors.extend(FieldError(key, f"{rule!r}: {fe.reason}") for fe in _field_errors(e, TrialConfig)
+                              if fe.path == "rule")
+        if errors:
+            raise SpecError(errors)
+        return v
+
+
+class ReportConfig(BaseModel):
+    """How the comparison groups trials: by rule, and by the values of these grid parameters."""
+
+    model_config = _STRICT
+
+    group_by: list[str] = Field(default_factory=list)
 
 
 class SweepSpec(BaseModel):
@@ -505,7 +529,8 @@ class SweepSpec(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict)
     # Per-rule settings on top of base (parameters still win): compare rules each with its own
     # recipe, e.g. Lee et al.'s bp learning rate beside their dtp one.
-    rule_overrides: dict[Literal["bp", "lstp", "rlstp", "dtp"], dict[str, Any]] = Field(default_factory=dict)
+    # A key is a rule (dtp) or a rule on one dataset (drl/fashion_mnist), applied after the rule's.
+    rule_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     search: SearchConfig = Field(default_factory=SearchConfig)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
@@ -514,6 +539,8 @@ class SweepSpec(BaseModel):
     priority: int = 0  # higher runs first in the queue
     # Published figures to print beside ours in the comparison, e.g. a paper's test error per rule.
     published: "Published | None" = None
+    # How the comparison groups trials (default: by rule only), e.g. {group_by: [dataset]}.
+    report: "ReportConfig | None" = None
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -544,14 +571,22 @@ class SweepSpec(BaseModel):
     def _rule_overrides(cls, v: dict[str, dict[str, Any]], info) -> dict[str, dict[str, Any]]:
         errors: list[FieldError] = []
         base = info.data.get("base") or {}
-        for rule, over in v.items():
-            if "seed" in over or "rule" in over:
-                errors.append(FieldError(rule, "rule_overrides may not set seed or rule"))
+        for key, over in v.items():
+            rule, _, dataset = key.partition("/")
+            extra = {"rule": rule, **({"dataset": dataset} if dataset else {})}
+            try:  # the key itself: a registered rule, and a known dataset
+                TrialConfig.model_validate(extra)
+            except ValidationError as e:
+                errors.extend(FieldError(key, fe.reason) for fe in _field_errors(e, TrialConfig))
+                continue
+            if "seed" in over or "rule" in over or (dataset and "dataset" in over):
+                errors.append(FieldError(key, "rule_overrides may not set seed, rule, or the dataset its key names"))
                 continue
             try:
-                TrialConfig.model_validate(merge(merge(copy.deepcopy(base), copy.deepcopy(over)), {"rule": rule}))
+                data = merge(copy.deepcopy(base), copy.deepcopy(v.get(rule, {})) if dataset else {})
+                TrialConfig.model_validate(merge(merge(data, copy.deepcopy(over)), extra))
             except ValidationError as e:
-                errors.extend(FieldError(_join(rule, fe.path), fe.reason) for fe in _field_errors(e, TrialConfig))
+                errors.extend(FieldError(_join(key, fe.path), fe.reason) for fe in _field_errors(e, TrialConfig))
         if errors:
             raise SpecError(errors)
         return v
@@ -628,6 +663,37 @@ class SweepSpec(BaseModel):
             raise SpecError(errors)
         return self
 
+    @model_validator(mode="after")
+    def _report_groups(self) -> "SweepSpec":
+        """group_by names distinct grid parameters; published group keys name their values."""
+        errors: list[FieldError] = []
+        grid = self.grid_params()
+        group_by = self.report.group_by if self.report else []
+        for i, g in enumerate(group_by):
+            if g == "rule":
+                errors.append(FieldError(f"report.group_by[{i}]", "trials are always grouped by rule"))
+            elif g not in grid:
+                errors.append(FieldError(f"report.group_by[{i}]", f"{g!r} is not a grid parameter "
+                                         f"(distribution: values) of this spec; grid: {', '.join(grid) or 'none'}"))
+            elif g in group_by[:i]:
+                errors.append(FieldError(f"report.group_by[{i}]", f"duplicate of {g!r}"))
+        for key in (self.published.values if self.published else {}):
+            parts = key.split("/")[1:]
+            if not parts:
+                continue  # a rule's figure: it stands for every group of that rule
+            if len(parts) != len(group_by):
+                errors.append(FieldError(f"published.values.{key}", f"a group key is rule/"
+                                         f"{'/'.join(group_by) or '...'} (report.group_by); got {len(parts)} value(s)"))
+                continue
+            for g, value in zip(group_by, parts):
+                allowed = [str(x) for x in grid.get(g, [])]
+                if allowed and value not in allowed:
+                    errors.append(FieldError(f"published.values.{key}", f"{value!r} is not a value of {g} "
+                                             f"({', '.join(allowed)})"))
+        if errors:
+            raise SpecError(errors)
+        return self
+
     def _value_problems(self, path: str, value: Any) -> list[str]:
         if FIELD_KINDS.get(path) in ("int", "float") and isinstance(value, bool):
             return ["expected a number, got a boolean"]
@@ -685,8 +751,10 @@ class SweepSpec(BaseModel):
         data = copy.deepcopy(self.base)
         overrides = overrides or {}
         rule = _plain(overrides.get("rule", data.get("rule", "dtp")))
-        if rule in self.rule_overrides:
-            data = merge(data, copy.deepcopy(self.rule_overrides[rule]))
+        dataset = _plain(overrides.get("dataset", data.get("dataset", "mnist")))
+        for key in (rule, f"{rule}/{dataset}"):
+            if key in self.rule_overrides:
+                data = merge(data, copy.deepcopy(self.rule_overrides[key]))
         for path, value in overrides.items():
             set_path(data, path, _plain(value))
         try:
