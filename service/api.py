@@ -11,37 +11,43 @@ Routes (every one but /health needs ``Authorization: Bearer $SWEEP_API_TOKEN`` w
 * ``GET /sweeps/{id}`` -> SweepView (404 ``{"detail": "..."}``)
 * ``GET /sweeps/{id}/spec`` -> the stored spec as YAML text
 * ``POST /sweeps/{id}/cancel`` -> SweepView (idempotent)
+* ``POST /sweeps/{id}/retry`` -> SweepView (409 unless the sweep failed)
 * ``GET /health`` -> ``{"status": "ok", "queue", "dispatcher", "ray"}`` (open)
 * ``/docs``, ``/openapi.json``: FastAPI's (open: they hold no data, and a browser could not send
-  the token to load them).
+  the token to load them). The document lists every status the routes answer with and the error
+  bodies as they are; tests/test_api_contract.py fuzzes the live API against it (schemathesis).
+
+While the queue database cannot be reached (PostgreSQL restarting, SQLite locked by another writer
+for longer than ``DB_WAIT_S``) every route that needs it answers 503 with ``Retry-After``; the
+dispatcher thread keeps running and reconnects by itself.
 
 The request path imports neither Ray nor MLflow: specs are validated with ``worker.spec``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import sys
-import threading
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
-from service.queue import InvalidTransition, SweepQueue, SweepState
+from service.queue import InvalidTransition, QueueUnavailable, SweepQueue, SweepState
 from service.settings import Settings
-from service.views import SweepList, SweepView, ViewBuilder
+from service.views import SweepList, SweepView, ViewBuilder, spec_from_text
 from worker.spec import DOCUMENT, MAX_SPEC_BYTES, SpecError, SweepSpec
 
 log = logging.getLogger("service.api")
@@ -49,6 +55,12 @@ log = logging.getLogger("service.api")
 YAML_TYPES = {"application/x-yaml", "application/yaml", "text/yaml", "text/x-yaml", "text/plain"}
 JSON_TYPES = {"application/json"}
 MAX_LIST = 1000
+INT32 = (-(2**31), 2**31 - 1)  # the queue's priority column
+# How long a request waits for the queue database (SQLite's write lock, a PostgreSQL connection)
+# before it answers 503: long enough for ordinary contention, short enough that a client is told
+# to come back instead of hanging while the database restarts.
+DB_WAIT_S = 5.0
+RETRY_AFTER_S = 5
 
 
 class _Unprocessable(Exception):
@@ -58,6 +70,90 @@ class _Unprocessable(Exception):
 
 def _detail(path: str, reason: str) -> dict[str, str]:
     return {"path": path, "reason": reason}
+
+
+# ---- what the API answers, as documented ------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """Every error but 422."""
+
+    detail: str
+
+
+class FieldProblem(BaseModel):
+    path: str = Field(description="dotted path of the field (search.seeds[1]); <document> for the body as a whole")
+    reason: str
+
+
+class InvalidInput(BaseModel):
+    """422: every problem found, each with its path; nothing was queued."""
+
+    detail: list[FieldProblem] = Field(min_length=1)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    queue: str = Field(description="the queue database's backend: sqlite or postgresql")
+    dispatcher: Literal["running", "stopped"]
+    ray: str | None = Field(description="the Ray Jobs API the dispatcher uses (RAY_ADDRESS)")
+
+
+def _problem(description: str, **headers: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": Problem, "description": description}
+    if headers:
+        out["headers"] = {name: {"description": text, "required": True, "schema": {"type": "string"}}
+                          for name, text in headers.items()}
+    return out
+
+
+R401 = {401: _problem("missing or wrong bearer token (only when the service has a token)",
+                      **{"WWW-Authenticate": "Bearer"})}
+R404 = {404: _problem("no such sweep")}
+R422 = {422: {"model": InvalidInput, "description": "invalid input: every problem with its path"}}
+R503 = {503: _problem("the queue database is unavailable (restarting, or locked by another writer); "
+                      "nothing was changed: retry", **{"Retry-After": "seconds to wait before retrying"})}
+
+# The spec's JSON Schema (from the Pydantic model, so it cannot drift), under components/schemas.
+_SPEC_SCHEMA_NOTE = (
+    "The sweep spec (worker.spec.SweepSpec): YAML text, or the same document as a JSON object. "
+    "Rules beyond this schema (min < max, rule and dataset names, parameter paths, trial counts, "
+    "printable names, ...) are checked too: a body that breaks one gets 422 with the field's path.")
+
+
+def _spec_components() -> dict[str, Any]:
+    schema = SweepSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    props = schema["properties"]
+    props["priority"] = {**props["priority"], "minimum": INT32[0], "maximum": INT32[1]}
+    props["name"] = {**props["name"], "minLength": 1, "maxLength": 200}
+    schema["description"] = _SPEC_SCHEMA_NOTE
+    return {**defs, "SweepSpec": schema}
+
+
+_SPEC_REF = {"$ref": "#/components/schemas/SweepSpec"}
+_SPEC_BODY = {
+    "required": True,
+    "description": _SPEC_SCHEMA_NOTE + " An empty body is not a spec (422). text/plain is read as YAML too.",
+    "content": {t: {"schema": _SPEC_REF} for t in
+                ("application/x-yaml", "application/yaml", "text/yaml", "application/json")},
+}
+
+
+def _finish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents its own 422 body on every route with parameters; ours has another shape
+    (InvalidInput) and only two routes can answer 422 at all: drop the rest."""
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            r422 = op.get("responses", {}).get("422")
+            if r422 and "HTTPValidationError" in json.dumps(r422):
+                del op["responses"]["422"]
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        comps.pop(name, None)
+    for name, sub in _spec_components().items():
+        comps.setdefault(name, sub)
+    return schema
 
 
 # ---- auth ------------------------------------------------------------------------------------
@@ -104,6 +200,11 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _dump_yaml(data: Any) -> str:
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when there is one
+    return yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
 def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
     """(validated spec, the YAML text to store: what the worker will read)."""
     try:
@@ -115,30 +216,26 @@ def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
             except ValueError as e:
                 raise SpecError.at(DOCUMENT, f"JSON syntax error: {e}") from None
             SweepSpec.from_dict(data)  # errors with paths into the object as sent
-            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+            text = _dump_yaml(data)
         else:
             text = body.decode("utf-8-sig") if body else ""
-        spec = SweepSpec.from_yaml(text)
+        spec = spec_from_text(text)  # what the worker will read back
     except SpecError as e:
         raise _Unprocessable([_detail(fe.path, fe.reason) for fe in e.errors]) from None
     except UnicodeDecodeError as e:
         raise _Unprocessable([_detail(DOCUMENT, f"spec is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+    except RecursionError:
+        raise _Unprocessable([_detail(DOCUMENT, "spec is nested too deeply")]) from None
+    if not INT32[0] <= spec.priority <= INT32[1]:
+        raise _Unprocessable([_detail("priority", "must fit in 32 bits")])
     return spec, text
 
 
-def _parse_priority(raw: str | None) -> int | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _Unprocessable([_detail("priority", f"must be an integer, got {raw!r}")]) from None
-    if not -(2**31) <= value < 2**31:
-        raise _Unprocessable([_detail("priority", "must fit in 32 bits")])
-    return value
-
-
 # ---- the app ---------------------------------------------------------------------------------
+
+# Database failures that say "not now" rather than "wrong": answered 503 + Retry-After.
+DB_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
+                  sa_exc.DisconnectionError, QueueUnavailable)
 
 
 def create_app(
@@ -160,7 +257,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own_queue = queue is None
-        q = queue if queue is not None else SweepQueue(settings.db_url)
+        q = queue if queue is not None else SweepQueue(settings.db_url, busy_timeout_s=DB_WAIT_S)
         app.state.queue = q
         d = None
         if run_dispatcher:
@@ -188,21 +285,29 @@ def create_app(
     app.state.settings = settings
     app.state.views = ViewBuilder(settings.sweeps_dir, settings.tracking_uri)
     app.state.dispatcher = None
-    # SQLite lets one writer in at a time and makes the others sleep-poll (its busy handler backs
-    # off up to 100 ms a try); queueing this process's writers on a lock instead keeps the tail
-    # latency of a submission burst low. PostgreSQL needs no such thing.
-    sqlite = settings.db_url.startswith("sqlite")
-    write_lock = threading.Lock() if sqlite else contextlib.nullcontext()
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _finish_openapi(get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(_Unprocessable)
     async def _on_unprocessable(request: Request, exc: _Unprocessable):
         return JSONResponse(status_code=422, content={"detail": exc.errors})
 
-    @app.exception_handler(sa_exc.OperationalError)
-    async def _on_database_down(request: Request, exc: sa_exc.OperationalError):
-        log.error("queue database error: %s", exc)
-        return JSONResponse(status_code=503, content={"detail": "the queue database is unavailable: "
-                                                                + " ".join(str(exc.orig).split())[:300]})
+    async def _on_database_down(request: Request, exc: Exception):
+        cause = getattr(exc, "orig", None) or exc
+        log.warning("queue database unavailable (%s %s -> 503): %s", request.method, request.url.path,
+                    " ".join(str(cause).split())[:300])
+        return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                            content={"detail": "the queue database is unavailable (restarting or busy); "
+                                               f"nothing was changed: retry in {RETRY_AFTER_S} s"})
+
+    for exc_type in DB_UNAVAILABLE:
+        app.add_exception_handler(exc_type, _on_database_down)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):
@@ -215,8 +320,8 @@ def create_app(
     def _queue(request: Request) -> SweepQueue:
         return request.app.state.queue
 
-    def _view(request: Request, rec) -> SweepView:
-        return request.app.state.views.view(rec)
+    def _view(request: Request, rec, n_trials: int | None = None) -> SweepView:
+        return request.app.state.views.view(rec, n_trials=n_trials)
 
     def _json(model, status_code: int = 200) -> Response:
         # Already a validated model: serialise it once (FastAPI would validate it again).
@@ -233,41 +338,35 @@ def create_app(
         if d is not None:
             d.wake()
 
-    @app.get("/health", tags=["service"])
-    def health(request: Request) -> dict[str, Any]:
+    @app.get("/health", tags=["service"], response_model=Health)
+    def health(request: Request) -> Health:
         """Liveness; needs no token."""
         q = request.app.state.queue
         d = request.app.state.dispatcher
-        return {
-            "status": "ok",
-            "queue": q.url.get_backend_name(),
-            "dispatcher": "running" if d is not None and d.is_running() else "stopped",
-            "ray": settings.ray_address,
-        }
+        return Health(status="ok", queue=q.url.get_backend_name(),
+                      dispatcher="running" if d is not None and d.is_running() else "stopped",
+                      ray=settings.ray_address)
 
-    router = APIRouter(dependencies=[Depends(_require_token)], tags=["sweeps"])
+    router = APIRouter(dependencies=[Depends(_require_token)], tags=["sweeps"], responses={**R401, **R503})
 
     @router.post(
         "/sweeps",
         status_code=201,
         response_model=SweepView,
         responses={
-            413: {"description": "body larger than 1 MiB"},
-            422: {"description": '{"detail": [{"path": "...", "reason": "..."}]}; nothing queued'},
+            400: _problem("a Content-Length that is not a number"),
+            413: _problem("body larger than 1 MiB"),
+            415: _problem("a Content-Type that is neither YAML nor JSON"),
+            **R422,
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/x-yaml": {"schema": {"type": "string"}},
-                    "application/json": {"schema": {"type": "object"}},
-                },
-            }
-        },
+        openapi_extra={"requestBody": _SPEC_BODY},
     )
-    async def submit(request: Request) -> SweepView:
+    async def submit(
+        request: Request,
+        priority: int | None = Query(None, ge=INT32[0], le=INT32[1],
+                                     description="overrides the spec's priority (higher runs first)"),
+    ) -> SweepView:
         """Queue a sweep. The body is the spec itself (YAML text or a JSON object)."""
-        priority = _parse_priority(request.query_params.get("priority"))
         media = _media_type(request)
         if media and media not in YAML_TYPES | JSON_TYPES and not media.endswith(("+json", "+yaml")) \
                 and media != "application/octet-stream":
@@ -277,65 +376,55 @@ def create_app(
 
         def work() -> SweepView:
             spec, text = _parse_spec(body, media)
-            with write_lock:
-                rec = _queue(request).submit(spec.name, text, priority=spec.priority if priority is None else priority)
-            return _view(request, rec)
+            rec = _queue(request).submit(spec.name, text, priority=spec.priority if priority is None else priority)
+            return _view(request, rec, n_trials=spec.n_trials())
 
         view = await run_in_threadpool(work)
         _wake(request)
         return _json(view, 201)
 
-    @router.get("/sweeps", response_model=SweepList)
+    @router.get("/sweeps", response_model=SweepList, responses=R422)
     def list_sweeps(
         request: Request,
-        state: str | None = Query(None, description="queued, running, succeeded, failed or cancelled"),
+        state: SweepState | None = Query(None, description="only sweeps in this state"),
         limit: int = Query(100, ge=1, le=MAX_LIST),
     ) -> SweepList:
         """Sweeps, newest first (with state=queued: in dispatch order)."""
-        st = None
-        if state:
-            try:
-                st = SweepState(state)
-            except ValueError:
-                raise _Unprocessable([_detail("state", f"unknown state {state!r}; expected one of "
-                                                       + ", ".join(s.value for s in SweepState))]) from None
-        recs = _queue(request).list(st, limit=limit)
+        recs = _queue(request).list(state, limit=limit)
         return _json(SweepList(sweeps=[_view(request, r) for r in recs]))
 
-    @router.get("/sweeps/{sweep_id}", response_model=SweepView, responses={404: {"description": "no such sweep"}})
+    @router.get("/sweeps/{sweep_id}", response_model=SweepView, responses=R404)
     def get_sweep(request: Request, sweep_id: str) -> SweepView:
         return _json(_view(request, _get_or_404(_queue(request), sweep_id)))
 
-    @router.get("/sweeps/{sweep_id}/spec", response_class=PlainTextResponse,
-                responses={200: {"content": {"application/x-yaml": {}}}, 404: {"description": "no such sweep"}})
-    def get_spec(request: Request, sweep_id: str) -> PlainTextResponse:
+    @router.get("/sweeps/{sweep_id}/spec", response_class=Response,
+                responses={200: {"description": "the spec as stored",
+                                 "content": {"application/x-yaml": {"schema": {"type": "string"}}}}, **R404})
+    def get_spec(request: Request, sweep_id: str) -> Response:
         """The spec as stored (the text the worker runs)."""
         rec = _get_or_404(_queue(request), sweep_id)
-        return PlainTextResponse(rec.spec_yaml, media_type="application/x-yaml")
+        return Response(rec.spec_yaml, media_type="application/x-yaml")
 
-    @router.post("/sweeps/{sweep_id}/cancel", response_model=SweepView,
-                 responses={404: {"description": "no such sweep"}})
+    @router.post("/sweeps/{sweep_id}/cancel", response_model=SweepView, responses=R404)
     def cancel_sweep(request: Request, sweep_id: str) -> SweepView:
         """Queued: cancelled now. Running: the dispatcher stops the Ray job (Tune saves its
         state), then marks it cancelled. Finished: unchanged."""
         q = _queue(request)
         try:
-            with write_lock:
-                rec = q.cancel(sweep_id)
+            rec = q.cancel(sweep_id)
         except KeyError:
             raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
         _wake(request)
         return _json(_view(request, rec))
 
     @router.post("/sweeps/{sweep_id}/retry", response_model=SweepView,
-                 responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep has not failed"}})
+                 responses={**R404, 409: _problem("the sweep has not failed")})
     def retry_sweep(request: Request, sweep_id: str) -> SweepView:
         """A failed sweep goes back in line; its next run keeps the trials that finished and resumes
         the rest from their checkpoints."""
         q = _queue(request)
         try:
-            with write_lock:
-                rec = q.retry(sweep_id)
+            rec = q.retry(sweep_id)
         except KeyError:
             raise HTTPException(404, detail=f"no sweep {sweep_id!r}") from None
         except InvalidTransition as e:

@@ -20,9 +20,12 @@ Orderings returned by :meth:`SweepQueue.list`:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import secrets
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 __all__ = [
     "InvalidTransition",
+    "QueueUnavailable",
     "SweepQueue",
     "SweepRecord",
     "SweepState",
@@ -73,6 +77,10 @@ class InvalidTransition(Exception):
         self.sweep_id = sweep_id
         self.current = current
         self.requested = requested
+
+
+class QueueUnavailable(Exception):
+    """The queue database could not be written in time (nothing was changed); try again later."""
 
 
 @dataclass(frozen=True)
@@ -186,28 +194,54 @@ class SweepQueue:
     """Durable queue of sweeps. Safe to use from several threads and processes."""
 
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0):
+        """``busy_timeout_s``: how long a call waits for the database (SQLite's write lock, a
+        PostgreSQL connection) before it raises (OperationalError, QueueUnavailable)."""
         self.url = _normalise_url(url)
+        self.busy_timeout_s = float(busy_timeout_s)
         self._is_sqlite = self.url.get_backend_name() == "sqlite"
+        # SQLite lets one writer in at a time and makes the others sleep-poll (its busy handler
+        # backs off up to 100 ms a try): this process's writers queue on a mutex instead, which
+        # keeps the tail latency of a burst of writes low. PostgreSQL needs no such thing.
+        self._write_mutex: threading.Lock | None = None
         if self._is_sqlite:
             self._engine = sa.create_engine(
                 self.url,
                 connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
             )
             _configure_sqlite(self._engine, busy_timeout_s)
+            self._write_mutex = threading.Lock()
         elif self.url.get_backend_name() == "postgresql":
-            # pre_ping: a long-lived dispatcher must survive a database restart.
-            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
+            # pre_ping: a long-lived dispatcher must survive a database restart (a pooled
+            # connection that died with the server is replaced, not used); connect_timeout and
+            # pool_timeout: while the server is away a call fails in bounded time.
+            self._engine = sa.create_engine(
+                self.url, pool_pre_ping=True, pool_timeout=busy_timeout_s,
+                connect_args={"connect_timeout": max(1, round(busy_timeout_s))},
+            )
         else:
             raise ValueError(f"unsupported database URL: {self.url!r}")
         # Same pool; only tells the SQLite begin hook to take the write lock up front.
         self._writer = self._engine.execution_options(sqlite_immediate=True)
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             if not self._is_sqlite:
                 # Two processes starting on an empty database must not both run CREATE TABLE.
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             metadata.create_all(conn)
 
     # -- lifecycle ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on success."""
+        mutex = self._write_mutex
+        if mutex is not None and not mutex.acquire(timeout=self.busy_timeout_s):
+            raise QueueUnavailable(f"the queue database is busy: no write slot within {self.busy_timeout_s:g} s")
+        try:
+            with self._writer.begin() as conn:
+                yield conn
+        finally:
+            if mutex is not None:
+                mutex.release()
 
     def close(self) -> None:
         self._engine.dispose()
@@ -243,7 +277,7 @@ class SweepQueue:
                 resume_of=resume_of,
             )
             try:
-                with self._writer.begin() as conn:
+                with self._write() as conn:
                     row = conn.execute(sweeps.insert().values(**values).returning(*sweeps.c)).one()
                     return _to_record(row)
             except sa.exc.IntegrityError:
@@ -263,7 +297,7 @@ class SweepQueue:
         """
         if max_running < 1:
             raise ValueError("max_running must be >= 1")
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             if not self._is_sqlite:
                 # Serialises claimers so the count below stays true until commit.
                 # (On SQLite BEGIN IMMEDIATE already holds the database write lock.)
@@ -300,7 +334,7 @@ class SweepQueue:
         ``error`` is stored when given (and left unchanged when None).
         """
         state = SweepState(state)
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = self._fetch_row(conn, sweep_id, for_update=True)
             current = SweepState(row.state)
             if state not in _TRANSITIONS[current]:
@@ -335,7 +369,7 @@ class SweepQueue:
             values["mlflow_experiment_id"] = mlflow_experiment_id
         if mlflow_parent_run_id is not None:
             values["mlflow_parent_run_id"] = mlflow_parent_run_id
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             if values:
                 self._set(conn, sweep_id, values)
             else:
@@ -344,7 +378,7 @@ class SweepQueue:
     def cancel(self, sweep_id: str) -> SweepRecord:
         """Queued: cancelled at once. Running: cancel_requested=True (the dispatcher
         stops the job, then marks it cancelled). Terminal: returned unchanged."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = self._fetch_row(conn, sweep_id, for_update=True)
             current = SweepState(row.state)
             if current is SweepState.QUEUED:
@@ -363,7 +397,7 @@ class SweepQueue:
         """failed -> queued, back in its original place in line, with finished_at and error
         cleared; its next run keeps the finished trials and resumes the rest from their
         checkpoints. InvalidTransition from any other state."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = self._fetch_row(conn, sweep_id, for_update=True)
             current = SweepState(row.state)
             if current is not SweepState.FAILED:

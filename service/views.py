@@ -58,13 +58,71 @@ class SweepList(BaseModel):
 # ---- building views from queue records ------------------------------------------------------
 
 
+@functools.cache
+def _fast_loader() -> type | None:
+    """worker.spec's SpecLoader with libyaml's scanner and parser under it (about 15x faster than
+    PyYAML's pure-Python ones, which were most of a submission's cost); None without libyaml.
+
+    Everything that decides what a spec means stays SpecLoader's own: the composer hook that refuses
+    anchors, aliases and tags, the duplicate-key check and the implicit resolvers (no timestamps,
+    1e-4 read as a float)."""
+    try:
+        from yaml._yaml import CParser
+    except ImportError:
+        return None
+    from yaml.composer import Composer
+    from yaml.constructor import SafeConstructor
+    from yaml.resolver import Resolver
+
+    from worker.spec import SpecLoader
+
+    class FastSpecLoader(CParser, SpecLoader):
+        # CParser's own get_single_node composes in C and would skip SpecLoader.compose_node.
+        get_single_node = Composer.get_single_node
+        check_node = Composer.check_node
+        get_node = Composer.get_node
+
+        def __init__(self, stream):
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    return FastSpecLoader
+
+
+def spec_from_text(text: str):
+    """``SweepSpec.from_yaml(text)``, fast. A document the fast loader cannot read is handed to
+    ``from_yaml`` itself, so every refusal carries worker.spec's own path and reason."""
+    from worker.spec import SweepSpec
+
+    loader_cls = _fast_loader()
+    data = None
+    if loader_cls is not None and text.strip() and len(text) <= MAX_FAST_CHARS:
+        try:
+            loader = loader_cls(text)
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
+        except Exception:  # syntax, refused anchors/tags, duplicate keys, nesting: the slow path says which
+            data = None
+    if data is None:
+        return SweepSpec.from_yaml(text)
+    return SweepSpec.from_dict(data)
+
+
+# Larger documents go the canonical way, which also enforces the 1 MiB limit on the encoded size.
+MAX_FAST_CHARS = 256 * 1024
+
+
 @functools.lru_cache(maxsize=4096)
 def n_trials_of(spec_yaml: str) -> int | None:
     """Trials a stored spec expands to (cached: a stored spec never changes)."""
-    from worker.spec import SpecError, SweepSpec
+    from worker.spec import SpecError
 
     try:
-        return SweepSpec.from_yaml(spec_yaml).n_trials()
+        return spec_from_text(spec_yaml).n_trials()
     except SpecError:
         return None
 
@@ -102,7 +160,8 @@ class ViewBuilder:
             self._final[rec.id] = (result, uri)
         return result, uri
 
-    def view(self, rec: SweepRecord) -> SweepView:
+    def view(self, rec: SweepRecord, n_trials: int | None = None) -> SweepView:
+        """``n_trials``: when the caller has the validated spec at hand (saves parsing it again)."""
         result, uri = self._files(rec)
         return SweepView(
             id=rec.id,
@@ -115,7 +174,7 @@ class ViewBuilder:
             attempts=rec.attempts,
             cancel_requested=rec.cancel_requested,
             progress=rec.progress,
-            n_trials=n_trials_of(rec.spec_yaml),
+            n_trials=n_trials if n_trials is not None else n_trials_of(rec.spec_yaml),
             mlflow_tracking_uri=uri or self.tracking_uri,
             mlflow_experiment_id=rec.mlflow_experiment_id,
             mlflow_parent_run_id=rec.mlflow_parent_run_id,
@@ -136,4 +195,4 @@ def mlflow_ui_hint(view: SweepView) -> str | None:
             + (f", run {run}" if run else ""))
 
 
-__all__ = ["SweepList", "SweepView", "ViewBuilder", "mlflow_ui_hint", "n_trials_of", "read_json"]
+__all__ = ["SweepList", "SweepView", "ViewBuilder", "mlflow_ui_hint", "n_trials_of", "read_json", "spec_from_text"]
