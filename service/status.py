@@ -120,7 +120,7 @@ def comparison_view(rows: list[dict], console: Console, title: str | None = None
 def sweeps_table(views: list[SweepView]) -> Table:
     t = Table(box=box.SIMPLE_HEAVY, header_style="bold")
     for col in ("id", "name", "state", "progress", "best per rule", "age"):
-        t.add_column(col, no_wrap=col in ("id", "state", "age"))
+        t.add_column(col, no_wrap=col in ("id", "state", "age"), overflow="fold")
     for v in views:
         state = v.state + (" (cancelling)" if v.cancel_requested and v.state == "running" else "")
         t.add_row(v.id, v.name, f"[{STATE_STYLE.get(v.state, '')}]{state}[/]", progress_text(v),
@@ -134,8 +134,8 @@ def detail_table(v: SweepView, ray_job: bool = True) -> Table:
     from service.dispatcher import submission_id
 
     t = Table(box=box.SIMPLE, show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")  # long paths and URIs break across lines instead of ending in "…"
     rows = [
         ("id", v.id),
         ("name", v.name),
