@@ -49,6 +49,8 @@ ENV_NAMES=(
     RAY_WORKER_NUM_CPUS
     RAY_WORKER_NUM_GPUS
     RAY_TEMP_DIR
+    RAY_NODE_IP_ADDRESS
+    RAY_CLIENT_SERVER_PORT
 )
 
 ROLES=(mlflow ray-head ray-worker service)
@@ -156,6 +158,10 @@ run_mlflow() {
 # Flags shared by both kinds of Ray node; only those whose variable is set.
 ray_common_args() {
     RAY_ARGS=()
+    # The node's address: Ray's servers (GCS, raylet, object manager, agents, workers) listen on it.
+    if [[ -n "${RAY_NODE_IP_ADDRESS:-}" ]]; then
+        RAY_ARGS+=("--node-ip-address=${RAY_NODE_IP_ADDRESS}")
+    fi
     if [[ -n "${RAY_DASHBOARD_AGENT_PORT:-}" ]]; then
         RAY_ARGS+=("--dashboard-agent-listen-port=${RAY_DASHBOARD_AGENT_PORT}")
     fi
@@ -171,6 +177,15 @@ run_ray_head() {
     unset RAY_ADDRESS
     mkdir -p "${SWEEP_DATA_DIR}"
     ray_common_args
+    if is_loopback "${RAY_NODE_IP_ADDRESS:-}"; then
+        # Ray replaces a loopback node address with the interface address unless it thinks
+        # multi-node clusters are off (its Windows/macOS switch). The head's processes, the job
+        # drivers it starts included, inherit this, so they keep to 127.0.0.1 too.
+        export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    fi
+    if [[ -n "${RAY_CLIENT_SERVER_PORT:-}" ]]; then
+        RAY_ARGS+=("--ray-client-server-port=${RAY_CLIENT_SERVER_PORT}")
+    fi
     local cmd=(ray start --head --block
         "--port=${RAY_GCS_PORT}"
         --include-dashboard=true
@@ -193,6 +208,12 @@ run_ray_worker() {
     mkdir -p "${SWEEP_DATA_DIR}"
     ray_common_args
     local cmd=(ray start --block "--address=${RAY_HEAD_ADDRESS}")
+    if is_loopback "${RAY_NODE_IP_ADDRESS:-}"; then
+        # `ray start` swaps 127.0.0.1 in --address and --node-ip-address for the interface
+        # address (ray-project/ray#59110), and the Windows/macOS switch the head uses refuses a
+        # second node. So run the same CLI with loopback addresses kept as given.
+        cmd=(python -c "${RAY_KEEP_LOOPBACK}" start --block "--address=${RAY_HEAD_ADDRESS}")
+    fi
     if [[ -n "${RAY_WORKER_NUM_CPUS:-}" ]]; then
         cmd+=("--num-cpus=${RAY_WORKER_NUM_CPUS}")
     fi
@@ -201,6 +222,19 @@ run_ray_worker() {
     fi
     exec "${cmd[@]}" "${RAY_ARGS[@]}" "$@"
 }
+
+# `ray` (the CLI) with 127.0.0.1 and localhost kept as they are instead of being resolved to
+# this machine's interface address.
+RAY_KEEP_LOOPBACK='
+import sys
+from ray._private import services
+from ray.scripts.scripts import main
+
+_resolve = services.resolve_ip_for_localhost
+services.resolve_ip_for_localhost = lambda host: "127.0.0.1" if host in ("127.0.0.1", "localhost") else _resolve(host)
+sys.argv[0] = "ray"
+sys.exit(main())
+'
 
 run_service() {
     require_ray_token
