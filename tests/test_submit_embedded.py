@@ -151,6 +151,14 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     attempts = next(line for line in status.stdout.splitlines() if "attempts" in line)
     assert attempts.split() == ["attempts", "2"]  # an embedded run has no Ray job to name
     assert "succeeded" in status.stdout
+    # Its comparison too, read from the result.json an embedded run leaves as a service job does.
+    assert "Comparison of the rules" in status.stdout and "…" not in status.stdout
+    assert {line.split()[0] for line in status.stdout.split("Comparison of the rules")[1].splitlines()[1:]
+            if line.strip()} >= {"bp", "dtp"}
+    # Ray's and MLflow's own messages went to the sweep's log, not to the terminal.
+    log = tmp_path / "data" / "sweeps" / failed.id / "embedded.log"
+    assert "Started a local Ray instance" in log.read_text() and "Started a local Ray" not in r.stderr
+    assert f"data/sweeps/{failed.id}/embedded.log" in r.stderr or str(log) in r.stderr
 
     # From another directory (whose default MLflow store is elsewhere) status and report still
     # find the sweep's own store.
