@@ -65,7 +65,7 @@ class SweepResult:
         return asdict(self)
 
 
-def _init_ray(num_cpus: int | None = None) -> None:
+def _init_ray(num_cpus: int | None = None, attempts: int = 3, first_delay_s: float = 5.0) -> None:
     import ray
 
     if ray.is_initialized():
@@ -79,10 +79,41 @@ def _init_ray(num_cpus: int | None = None) -> None:
     # Ray Job's own environment already points ray.init at its cluster.
     if address and not address.startswith("http"):
         ray.init(address=address, log_to_driver=False)
-    else:
-        # "local": always a fresh in-process cluster, even if `ray start` left one on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+        return
+    # A fresh local Ray on 127.0.0.1 only. Ray gives its raylet 30 s to register, which a loaded
+    # machine can exceed: such a start is cleaned up and retried, with backoff, saying so.
+    import psutil
+    from ray._private import ray_constants
+
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        # Ray swaps a 127.0.0.1 node address for the interface address, and its servers then
+        # listen there, unless it believes multi-node clusters are off: a local Ray is one node.
+        multi_node = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            # "local": always a fresh cluster, even if `ray start` left one on this machine.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            delay = first_delay_s * 2 ** (attempt - 1)
+            print(f"worker.sweep: starting the local Ray timed out (attempt {attempt} of {attempts}): "
+                  f"{e}; retrying in {delay:.0f} s", file=sys.stderr, flush=True)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        # What the failed start left running (its GCS, raylet, ...): this process's new children.
+        ray.shutdown()
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        for p in psutil.wait_procs(left, timeout=10)[1]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        time.sleep(delay)
 
 
 # Tune pickles its run config (callbacks included); listeners such as a live display cannot be
