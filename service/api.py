@@ -30,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -44,6 +45,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.queue import InvalidTransition, QueueUnavailable, SweepQueue, SweepState
 from service.settings import Settings
@@ -134,9 +136,9 @@ def _spec_components() -> dict[str, Any]:
 _SPEC_REF = {"$ref": "#/components/schemas/SweepSpec"}
 _SPEC_BODY = {
     "required": True,
-    "description": _SPEC_SCHEMA_NOTE + " An empty body is not a spec (422). text/plain is read as YAML too.",
-    "content": {t: {"schema": _SPEC_REF} for t in
-                ("application/x-yaml", "application/yaml", "text/yaml", "application/json")},
+    "description": _SPEC_SCHEMA_NOTE + " An empty body is not a spec (422). application/yaml, text/yaml "
+                   "and text/plain are read as YAML too, a body without Content-Type as well.",
+    "content": {t: {"schema": _SPEC_REF} for t in ("application/x-yaml", "application/json")},
 }
 
 
@@ -154,6 +156,17 @@ def _finish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     for name, sub in _spec_components().items():
         comps.setdefault(name, sub)
     return schema
+
+
+def _allowed_methods(schema: dict[str, Any], path: str) -> list[str]:
+    """The documented methods of the paths that ``path`` matches."""
+    out: set[str] = set()
+    for template, item in schema.get("paths", {}).items():
+        rx = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                     for part in re.split(r"(\{[^}]*\})", template))
+        if re.fullmatch(rx, path):
+            out.update(m.upper() for m in item if m in ("get", "put", "post", "delete", "patch", "head", "options"))
+    return sorted(out)
 
 
 # ---- auth ------------------------------------------------------------------------------------
@@ -226,6 +239,11 @@ def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
         raise _Unprocessable([_detail(DOCUMENT, f"spec is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
     except RecursionError:
         raise _Unprocessable([_detail(DOCUMENT, "spec is nested too deeply")]) from None
+    except ArithmeticError as e:
+        # A validator that overflowed on an extreme number (e.g. a range of 5e-324 steps): the
+        # input's fault, not the service's; worker.spec should say which field.
+        log.warning("spec validation overflowed: %r", e)
+        raise _Unprocessable([_detail(DOCUMENT, f"a number in the spec is out of range ({e})")]) from None
     if not INT32[0] <= spec.priority <= INT32[1]:
         raise _Unprocessable([_detail("priority", "must fit in 32 bits")])
     return spec, text
@@ -309,6 +327,15 @@ def create_app(
     for exc_type in DB_UNAVAILABLE:
         app.add_exception_handler(exc_type, _on_database_down)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route on the path (GET /sweeps and
+            # POST /sweeps are two routes): Allow lists them all.
+            headers["Allow"] = ", ".join(_allowed_methods(app.openapi(), request.url.path))
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError):
         out = []
@@ -338,7 +365,7 @@ def create_app(
         if d is not None:
             d.wake()
 
-    @app.get("/health", tags=["service"], response_model=Health)
+    @app.get("/health", tags=["service"], response_model=Health, operation_id="health")
     def health(request: Request) -> Health:
         """Liveness; needs no token."""
         q = request.app.state.queue
@@ -351,6 +378,7 @@ def create_app(
 
     @router.post(
         "/sweeps",
+        operation_id="submit_sweep",
         status_code=201,
         response_model=SweepView,
         responses={
@@ -383,7 +411,7 @@ def create_app(
         _wake(request)
         return _json(view, 201)
 
-    @router.get("/sweeps", response_model=SweepList, responses=R422)
+    @router.get("/sweeps", response_model=SweepList, responses=R422, operation_id="list_sweeps")
     def list_sweeps(
         request: Request,
         state: SweepState | None = Query(None, description="only sweeps in this state"),
@@ -393,19 +421,19 @@ def create_app(
         recs = _queue(request).list(state, limit=limit)
         return _json(SweepList(sweeps=[_view(request, r) for r in recs]))
 
-    @router.get("/sweeps/{sweep_id}", response_model=SweepView, responses=R404)
+    @router.get("/sweeps/{sweep_id}", response_model=SweepView, responses=R404, operation_id="get_sweep")
     def get_sweep(request: Request, sweep_id: str) -> SweepView:
         return _json(_view(request, _get_or_404(_queue(request), sweep_id)))
 
-    @router.get("/sweeps/{sweep_id}/spec", response_class=Response,
-                responses={200: {"description": "the spec as stored",
-                                 "content": {"application/x-yaml": {"schema": {"type": "string"}}}}, **R404})
+    @router.get("/sweeps/{sweep_id}/spec", response_class=Response, operation_id="get_sweep_spec",
+                responses={200: {"description": "the spec as stored: YAML text, comments and all",
+                                 "content": {"application/x-yaml": {"schema": _SPEC_REF}}}, **R404})
     def get_spec(request: Request, sweep_id: str) -> Response:
         """The spec as stored (the text the worker runs)."""
         rec = _get_or_404(_queue(request), sweep_id)
         return Response(rec.spec_yaml, media_type="application/x-yaml")
 
-    @router.post("/sweeps/{sweep_id}/cancel", response_model=SweepView, responses=R404)
+    @router.post("/sweeps/{sweep_id}/cancel", response_model=SweepView, responses=R404, operation_id="cancel_sweep")
     def cancel_sweep(request: Request, sweep_id: str) -> SweepView:
         """Queued: cancelled now. Running: the dispatcher stops the Ray job (Tune saves its
         state), then marks it cancelled. Finished: unchanged."""
@@ -417,7 +445,7 @@ def create_app(
         _wake(request)
         return _json(_view(request, rec))
 
-    @router.post("/sweeps/{sweep_id}/retry", response_model=SweepView,
+    @router.post("/sweeps/{sweep_id}/retry", response_model=SweepView, operation_id="retry_sweep",
                  responses={**R404, 409: _problem("the sweep has not failed")})
     def retry_sweep(request: Request, sweep_id: str) -> SweepView:
         """A failed sweep goes back in line; its next run keeps the trials that finished and resumes
