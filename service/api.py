@@ -239,6 +239,8 @@ def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
         raise _Unprocessable([_detail(DOCUMENT, f"spec is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
     except RecursionError:
         raise _Unprocessable([_detail(DOCUMENT, "spec is nested too deeply")]) from None
+    except yaml.YAMLError as e:  # worker.spec lets PyYAML's reader errors (a NUL byte, ...) through
+        raise _Unprocessable([_detail(DOCUMENT, "YAML error: " + " ".join(str(e).split()))]) from None
     except ArithmeticError as e:
         # A validator that overflowed on an extreme number (e.g. a range of 5e-324 steps): the
         # input's fault, not the service's; worker.spec should say which field.

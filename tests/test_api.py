@@ -80,6 +80,8 @@ BAD_SPECS = [
     ("json_bad_seed", json.dumps({"name": "t", "search": {"seeds": [-1]}}), "application/json",
      "search.seeds[0]"),
     ("not_utf8", b"name: \xff\xfe\n", "application/x-yaml", "<document>"),
+    ("nul_byte", "name: a\x00b\n", "application/x-yaml", "<document>"),
+    ("control_char", "name: t\nbase: {dataset: \x07}\n", "application/x-yaml", "<document>"),
 ]
 
 
@@ -627,3 +629,100 @@ def test_api_on_postgresql(tmp_path, pg_queue_url):
         assert http.post(f"/sweeps/{a['id']}/cancel").json()["state"] == "cancelled"
         assert http.get("/sweeps", params={"state": "cancelled"}).json()["sweeps"][0]["id"] == a["id"]
         assert http.get("/sweeps/sw-nope").status_code == 404
+
+
+# ---- the fast spec reader --------------------------------------------------------------------
+
+# Documents where a YAML reader could go astray: every one must read the same through libyaml
+# (service.views.spec_from_text) as through worker.spec's own PyYAML loader, or fail in both.
+TRICKY_YAML = [
+    "name: t\n", "name: 't'\n", 'name: "t\\x41"\n', "name: t # c\n", "%YAML 1.1\n---\nname: t\n",
+    "---\nname: t\n...\n", "name: t\n---\nname: u\n", "name: |\n  a\n  b\n", "name: >-\n  a\n  b\n",
+    "{name: t, base: {epochs: 2}}", "name: t\nbase:\n  epochs: 0x10\n", "name: t\nbase: {epochs: 1_0}\n",
+    "name: t\nx: 1e-4\n", "name: t\nx: 1.0e+3\n", "name: t\nx: .inf\n", "name: t\nx: ~\n", "name: t\nx: yes\n",
+    "name: t\nx: 2001-12-14\n", "name: t\nx: 12:30:00\n", "name: t\nx: 0o17\n", "name: t\nx: 017\n",
+    "name: t\nx: !!str 1\n", "name: t\nx: !!binary aGk=\n", "name: t\nx: !custom 1\n", "name: &a t\ny: *a\n",
+    "name: t\n<<: {x: 1}\n", "? name\n: t\n", "name: t\n\tx: 1\n", "name: t\nx: [1, 2,]\n", "name: t\nx: {a: 1,}\n",
+    "name: t\nx: 'a''b'\n", "name: t\nx: \"\\u00e9\\U0001F600\"\n", "name: \u00e9t\u00e9 \U0001F600\n",
+    "name: t\r\nbase: {epochs: 2}\r\n", "\ufeffname: t\n", "name: t\nx: \x85y\n", "name: t\u2028x: 1\n",
+    "name: t\nx: a\x00b\n", "name: t\nx: \x07\n", "name: [unclosed\n", "name: t\n  bad: indent\n", "- a\n- b\n",
+    "name: t\nname: u\n", "name: t\n1: x\n", "name: t\n[1]: x\n", "name: t\nnull: x\n", "name:\n", ": x\n",
+    "name: t\nx: " + "[" * 200 + "]" * 200 + "\n", "name: 'unterminated\n", "name: t\nx: @reserved\n",
+    "name: t\nx: `tick\n", "name: t\nx: -\n", "name: t\nx: - a\n", "name: t\nx: a: b\n", "name: t\nx: 'a\n  b'\n",
+]
+
+
+def _read_both(text: str):
+    from service.views import _fast_loader
+    from worker.spec import SpecError, _load_yaml
+
+    try:
+        canonical = ("ok", _load_yaml(text))
+    except (SpecError, yaml.YAMLError) as e:  # PyYAML's reader errors escape _load_yaml as they are
+        canonical = ("refused", str(e))
+    loader = _fast_loader()(text)
+    try:
+        fast = ("ok", loader.get_single_data())
+    except Exception as e:  # spec_from_text hands any of these to the canonical loader
+        fast = ("refused", repr(e))
+    finally:
+        loader.dispose()
+    return canonical, fast
+
+
+@pytest.mark.parametrize("text", TRICKY_YAML, ids=range(len(TRICKY_YAML)))
+def test_fast_reader_reads_what_the_spec_loader_reads(text):
+    canonical, fast = _read_both(text)
+    if canonical[0] == "ok":
+        assert fast == canonical
+    else:  # the fast reader may refuse more (its refusals go the slow way); never accept what is refused
+        assert fast[0] == "refused" or fast[1] is None, (canonical, fast)
+
+
+def test_fast_reader_agrees_on_generated_documents():
+    import random
+
+    rng = random.Random(7)
+    scalars = [0, -1, 3.5, 1e-4, 1e300, True, False, None, "", "a b", "yes", "no", "on", "0x1f", "1e5", "~",
+               "null", "2001-12-14", "12:30", "é", "#x", "a: b", "- x", "'q'", '"d"', "line\nbreak", " lead",
+               "trail ", "\t", "[x]", "{y}", "&a", "*a", "!t", "%p", "@r", "`b", "|", ">", "?", ":", ",", "x" * 300]
+
+    def value(depth: int):
+        kind = rng.random()
+        if depth > 3 or kind < 0.5:
+            return rng.choice(scalars)
+        if kind < 0.75:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {str(rng.choice(scalars)) + str(i): value(depth + 1) for i in range(rng.randint(0, 4))}
+
+    for i in range(300):
+        doc = {"name": f"t{i}", "base": value(0), "x": value(0)}
+        style = rng.choice([None, "'", '"', "|", ">"])
+        flow = rng.choice([None, True, False])
+        text = yaml.safe_dump(doc, default_style=style, default_flow_style=flow, allow_unicode=rng.random() < 0.5,
+                              width=rng.choice([20, 80, 1000]), sort_keys=False)
+        canonical, fast = _read_both(text)
+        assert canonical == fast and canonical[0] == "ok", text  # (1e+300 dumps as a float, reads as inf)
+
+
+def test_spec_from_text_equals_from_yaml_on_every_config_and_bad_spec():
+    from service.views import spec_from_text
+    from worker.spec import SpecError
+
+    texts = [p.read_text() for p in sorted((REPO / "configs").glob("*.yaml"))]
+    texts += [body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+              for _, body, ctype, _ in BAD_SPECS if "json" not in ctype]
+    for text in texts:
+        try:
+            want = ("ok", SweepSpec.from_yaml(text))
+        except SpecError as e:
+            want = ("refused", [(fe.path, fe.reason) for fe in e.errors])
+        except yaml.YAMLError as e:
+            want = ("raised", str(e))
+        try:
+            got = ("ok", spec_from_text(text))
+        except SpecError as e:
+            got = ("refused", [(fe.path, fe.reason) for fe in e.errors])
+        except yaml.YAMLError as e:
+            got = ("raised", str(e))
+        assert got == want, text
