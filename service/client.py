@@ -1,13 +1,17 @@
-"""A tiny client for the sweep API, for the CLIs (httpx; bearer token from SWEEP_API_TOKEN).
+"""The sweeps the CLIs work on, behind one interface (:class:`Sweeps`), two ways:
 
-Every failure is a :class:`ServiceError` whose ``str()`` is one line fit for a terminal;
-``status`` is the HTTP status (None when the service could not be reached) and ``detail`` the
-API's ``detail`` (for a 422: the list of ``{"path", "reason"}``).
+- :class:`SweepClient`: the sweep API over HTTP (httpx; bearer token from SWEEP_API_TOKEN);
+- :class:`LocalSweeps`: the local queue database (embedded mode: no service).
+
+Both answer with the same :class:`~service.views.SweepView`s, and every failure is a
+:class:`ServiceError` whose ``str()`` is one line fit for a terminal; ``status`` is the HTTP status
+(None when the service could not be reached; LocalSweeps uses the status the API would answer)
+and ``detail`` the API's ``detail`` (for a 422: the list of ``{"path", "reason"}``).
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
@@ -39,6 +43,31 @@ def _format_detail(detail: Any) -> str:
                 items.append(str(d))
         return "; ".join(items)
     return " ".join(str(detail).split())
+
+
+@runtime_checkable
+class Sweeps(Protocol):
+    """What the CLIs need of the sweeps, wherever they are kept."""
+
+    base_url: str  # where they are: the API's URL, or the queue database's
+
+    def list(self, state: str | None = None, limit: int | None = None) -> list[SweepView]: ...
+
+    def get(self, sweep_id: str) -> SweepView: ...
+
+    def spec(self, sweep_id: str) -> str: ...
+
+    def submit(self, spec: str | bytes | dict[str, Any], *, priority: int | None = None) -> SweepView: ...
+
+    def cancel(self, sweep_id: str) -> SweepView: ...
+
+    def retry(self, sweep_id: str) -> SweepView: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Sweeps": ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 class SweepClient:
@@ -141,8 +170,9 @@ class SweepClient:
 
 
 class LocalSweeps:
-    """The same reads and cancel as :class:`SweepClient`, straight from the local queue database
-    (embedded mode: no service). Errors are :class:`ServiceError` too (404 for an unknown id)."""
+    """What :class:`SweepClient` does, straight on the local queue database (embedded mode: no
+    service), with the API's checks and answers: an invalid spec is a 422 with the field paths, an
+    unknown id a 404, a retry of a sweep that has not failed a 409."""
 
     def __init__(self, settings):
         from service.queue import SweepQueue
@@ -187,18 +217,55 @@ class LocalSweeps:
     def spec(self, sweep_id: str) -> str:
         return self._record(sweep_id).spec_yaml
 
+    @property
+    def queue(self):
+        """The queue itself, for running a sweep in this process (service.submit)."""
+        return self._queue
+
+    def submit(self, spec: str | bytes | dict[str, Any], *, priority: int | None = None) -> SweepView:
+        """Queue a spec given as YAML text/bytes or as a dict; stored as YAML text, as the API does."""
+        from service.views import spec_from_text
+        from worker.spec import SpecError
+
+        try:
+            if isinstance(spec, dict):
+                import yaml
+
+                text = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
+            else:
+                text = spec.decode("utf-8-sig") if isinstance(spec, bytes) else spec
+            parsed = spec_from_text(text)
+        except SpecError as e:
+            detail = [{"path": fe.path, "reason": fe.reason} for fe in e.errors]
+            raise ServiceError(f"invalid spec: {_format_detail(detail)}"[:2000], 422, detail) from None
+        except UnicodeDecodeError as e:
+            raise ServiceError(f"invalid spec: not UTF-8 text ({e.reason} at byte {e.start})", 422) from None
+        rec = self._queue.submit(parsed.name, text, parsed.priority if priority is None else priority)
+        return self._views.view(rec)
+
     def cancel(self, sweep_id: str) -> SweepView:
         self._record(sweep_id)
         return self._views.view(self._queue.cancel(sweep_id))
 
+    def retry(self, sweep_id: str) -> SweepView:
+        """Put a failed sweep back in line (a 409 ServiceError if it has not failed)."""
+        from service.queue import InvalidTransition
 
-def open_sweeps(settings, service_url: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self._record(sweep_id)
+        try:
+            return self._views.view(self._queue.retry(sweep_id))
+        except InvalidTransition as e:
+            raise ServiceError(f"HTTP 409: sweep {sweep_id} is {e.current.value}; only a failed sweep can be "
+                               "retried", 409) from None
+
+
+def open_sweeps(settings, service_url: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Sweeps:
     """The API client when a service URL is given (argument or SWEEP_SERVICE_URL), else the
-    local queue. Either has list/get/spec/cancel and close."""
+    local queue."""
     url = service_url or settings.service_url
     if url:
         return SweepClient(url, settings.api_token, timeout)
     return LocalSweeps(settings)
 
 
-__all__ = ["LocalSweeps", "ServiceError", "SweepClient", "open_sweeps"]
+__all__ = ["LocalSweeps", "ServiceError", "SweepClient", "Sweeps", "open_sweeps"]

@@ -175,56 +175,54 @@ def _follow(client, view, console, poll_s: float = 2.0):
 
 # -- embedded ------------------------------------------------------------------------------------
 def submit_embedded(spec, spec_text: str | None, args) -> int:
-    from service.queue import SweepQueue, SweepState
+    from service.client import LocalSweeps, ServiceError
+    from service.report import shown_path, shown_uri
     from service.settings import load
+    from worker.lifecycle import SweepFolder
 
     st = load()
-    queue = SweepQueue(st.db_url)
     console = _console()
-    if args.resume:
-        try:
-            rec = queue.get(args.resume)
-        except KeyError:
-            _err(f"no sweep {args.resume} in {st.db_url}")
-            return EXIT_INPUT
-        if rec.state == SweepState.FAILED:
-            # Retrying a failed sweep keeps its finished trials; Tune reruns the rest from checkpoints.
-            console.print(f"[yellow]retrying failed sweep {rec.id}[/] (it failed with: {rec.error})")
-            rec = queue.retry(rec.id)
-        if rec.state != SweepState.QUEUED:
-            _err(f"sweep {rec.id} is {rec.state.value}; only an interrupted (queued) or failed sweep "
-                 "can be resumed")
-            return EXIT_INPUT
-        from worker.spec import load_spec
+    # The local queue through the same interface a service's client has (submit, retry, ...).
+    with LocalSweeps(st) as sweeps:
+        if args.resume:
+            try:
+                view = sweeps.get(args.resume)
+            except ServiceError:
+                _err(f"no sweep {args.resume} in {st.db_url}")
+                return EXIT_INPUT
+            if view.state == "failed":
+                # Retrying a failed sweep keeps its finished trials; Tune reruns the rest from checkpoints.
+                console.print(f"[yellow]retrying failed sweep {view.id}[/] (it failed with: {view.error})")
+                view = sweeps.retry(view.id)
+            if view.state != "queued":
+                _err(f"sweep {view.id} is {view.state}; only an interrupted (queued) or failed sweep "
+                     "can be resumed")
+                return EXIT_INPUT
+            from worker.spec import load_spec
 
-        spec, spec_text = load_spec(rec.spec_yaml), rec.spec_yaml
-    else:
-        for old in queue.list(SweepState.QUEUED):
-            if old.attempts > 0:
-                console.print(f"[yellow]note:[/] sweep {old.id} ({old.name}) was interrupted; "
-                              f"resume it with: python -m service.submit --resume {old.id}")
-        rec = queue.submit(spec.name, spec_text, spec.priority if args.priority is None else args.priority)
-        from service.report import shown_uri
-
-        console.print(f"queued sweep [bold]{rec.id}[/] ({spec.name}, {spec.n_trials()} trials) in "
-                      f"{shown_uri(st.db_url, None)}")
-    if not args.wait:
-        from worker.lifecycle import SweepFolder
-
-        log = SweepFolder(st.data_dir, rec.id).log_path
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as f:
-            # A detached process runs it, so this command returns at once.
-            subprocess.Popen([sys.executable, "-m", "service.submit", "--resume", rec.id],
-                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        from service.report import shown_path
-
-        console.print(f"running in the background; log: {shown_path(log)}; follow with: "
-                      f"python -m service.status {rec.id}")
-        if args.json:
-            print(json.dumps({"sweep_id": rec.id, "state": "queued", "experiment_name": spec.name}))
-        return EXIT_OK
-    return run_embedded(queue, rec.id, spec, st, args, console)
+            spec_text = sweeps.spec(view.id)
+            spec = load_spec(spec_text)
+        else:
+            for old in sweeps.list("queued"):
+                if old.attempts > 0:
+                    console.print(f"[yellow]note:[/] sweep {old.id} ({old.name}) was interrupted; "
+                                  f"resume it with: python -m service.submit --resume {old.id}")
+            view = sweeps.submit(spec_text, priority=args.priority)
+            console.print(f"queued sweep [bold]{view.id}[/] ({spec.name}, {spec.n_trials()} trials) in "
+                          f"{shown_uri(st.db_url, None)}")
+        if not args.wait:
+            log = SweepFolder(st.data_dir, view.id).log_path
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as f:
+                # A detached process runs it, so this command returns at once.
+                subprocess.Popen([sys.executable, "-m", "service.submit", "--resume", view.id],
+                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            console.print(f"running in the background; log: {shown_path(log)}; follow with: "
+                          f"python -m service.status {view.id}")
+            if args.json:
+                print(json.dumps({"sweep_id": view.id, "state": "queued", "experiment_name": spec.name}))
+            return EXIT_OK
+        return run_embedded(sweeps.queue, view.id, spec, st, args, console)
 
 
 def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
