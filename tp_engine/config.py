@@ -15,11 +15,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RULES = ("bp", "lstp", "rlstp", "dtp")
-Rule = Literal["bp", "lstp", "rlstp", "dtp"]
+from tp_engine.rules import RULES as _RULES  # noqa: E402  (the registry: no heavy imports)
+
+RULES: tuple[str, ...] = tuple(_RULES)
+Rule = Literal[RULES]  # type: ignore[valid-type]
 Activation = Literal["tanh", "sigmoid", "relu", "leaky_relu", "linear"]
 Loss = Literal["softmax_ce", "sigmoid_ce", "sigmoid_l2", "l2"]
-DatasetName = Literal["mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus"]
+DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus"]
 
 
 class OptimizerConfig(BaseModel):
@@ -40,6 +42,9 @@ class OptimizerConfig(BaseModel):
     beta2: float = Field(0.999, gt=0, lt=1)
     # Clip each parameter's gradient to this L2 norm (the seed clipped at 100); None: no clipping.
     clip_norm: float | None = Field(None, gt=0)
+    # L2 penalty added to the gradient before the update (PyTorch's coupled weight_decay, as the
+    # drl/ddtp_linear authors use on feedback weights).
+    weight_decay: float = Field(0.0, ge=0, le=1)
 
 
 class TrialConfig(BaseModel):
@@ -64,7 +69,7 @@ class TrialConfig(BaseModel):
     activation: Activation = "tanh"
     # None: softmax_ce for classification, sigmoid_ce for autoencoder.
     loss: Loss | None = None
-    init: Literal["xavier", "orthogonal"] = "orthogonal"
+    init: Literal["xavier", "xavier_normal", "orthogonal"] = "orthogonal"
 
     # Training.
     epochs: int = Field(3, ge=1, le=10_000)
@@ -87,6 +92,13 @@ class TrialConfig(BaseModel):
     noise_decay: bool = False
     schedule: Literal["per_batch", "per_epoch"] = "per_epoch"
     inverse_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=0.00501))
+    # Trained feedback (dtp, drl, ddtp_linear, ldrl): steps per batch, each with fresh noise;
+    # feedback-only passes over the training set before the first epoch, and before every later one.
+    feedback_iterations: int = Field(1, ge=1, le=1000)
+    feedback_pretrain_epochs: int = Field(0, ge=0, le=1000)
+    feedback_epochs_per_epoch: int = Field(0, ge=0, le=100)
+    # Fixed random feedback drawn U(+-scale) (fwdtp).
+    feedback_init_scale: float = Field(1e-3, gt=0, le=100)
 
     # Diagnostics: angle to backprop and local losses are measured on this many training rows.
     diag_size: int = Field(1000, ge=1)
@@ -119,43 +131,9 @@ class TrialConfig(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-# Per-rule defaults, tuned on the validation split (never the test split). A key given by the user
-# always wins. dtp is Lee et al. 2015's published recipe.
-RULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bp": {
-        # Lee et al.'s backprop baseline. At 3 epochs, seed 0, validation accuracy stayed near
-        # 0.963 for lr 0.0005-0.001, Adam 3e-4-1e-3 and batch 32-100 alike.
-        "optimizer": {"name": "rmsprop_centered", "lr": 0.000804},
-        "alpha": 1.0,
-        "top_target": "output",
-    },
-    "dtp": {
-        "optimizer": {"name": "rmsprop_centered", "lr": 0.01489},
-        "inverse_optimizer": {"name": "rmsprop_centered", "lr": 0.00501},
-        "alpha": 0.3277,
-        "noise": 0.3598,
-        "top_target": "last_hidden",
-        "schedule": "per_epoch",
-    },
-    "lstp": {
-        # Exact inverses amplify: with a clip margin of 0.01, arctanh of targets near saturated
-        # units is huge and training collapsed to chance after one epoch. A margin of 0.1 bounds
-        # pre-activation targets to |a| < 1.47. At lr 1e-3 it still collapsed after 2 epochs of
-        # the full set; lr 3e-4: valid 0.857, 0.876, 0.867 over 3 epochs, seed 0.
-        "optimizer": {"name": "rmsprop_centered", "lr": 0.0003},
-        "alpha": 0.3,
-        "inv_threshold": 0.1,
-        "top_target": "last_hidden",
-    },
-    "rlstp": {
-        # gamma 1e-3 collapsed to chance within 2 epochs (the inverse of a nearly singular W
-        # explodes); gamma 1 keeps targets bounded. Valid 0.903 at 3 epochs, seed 0.
-        "optimizer": {"name": "rmsprop_centered", "lr": 0.001},
-        "alpha": 0.3,
-        "gamma": 1.0,
-        "top_target": "last_hidden",
-    },
-}
+# Per-rule defaults live beside each rule (``Rule.defaults`` in tp_engine/rules/), each with its
+# source; a key given by the user always wins.
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {name: r.defaults for name, r in _RULES.items()}
 
 
 def merge(base: dict, over: dict) -> dict:

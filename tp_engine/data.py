@@ -14,6 +14,9 @@ mnist
     ``data_path`` (or ``$MNIST_PATH``) may point at a ``mnist.pkl.gz``, a Keras ``mnist.npz``, or a
     directory with the four IDX files; for the latter two the last sixth of the 60000 training
     rows (10000) becomes the validation split.
+fashion_mnist
+    Fashion-MNIST's four IDX files, from Debian's ``dataset-fashion-mnist`` package, fetched once
+    and checksummed (see :mod:`tp_engine.fashion_mnist`); split 50000 / 10000 / 10000 as MNIST.
 cifar10
     The ``cifar-10-batches-py`` folder (``data_batch_1..5``, ``test_batch``) from ``data_path``,
     ``$CIFAR10_PATH`` or ``data_dir()/cifar-10-batches-py``. The last tenth of the training rows
@@ -65,7 +68,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATASETS: tuple[str, ...] = ("mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus")
+DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus")
 SYNTHETIC: tuple[str, ...] = ("spiral", "xor", "sphere", "ball", "annulus", "torus")
 SYNTHETIC_SIZES: tuple[int, int, int] = (3000, 1000, 1000)  # train, valid, test
 
@@ -249,6 +252,11 @@ def load_dataset(
 
     if key == "mnist":
         splits = _load_mnist(data_path, cache_dir)
+        n_classes, image_shape = 10, (28, 28)
+    elif key == "fashion_mnist":
+        from tp_engine import fashion_mnist
+
+        splits = fashion_mnist.load(data_path, cache_dir)
         n_classes, image_shape = 10, (28, 28)
     elif key == "cifar10":
         splits = _load_cifar10(data_path)

@@ -37,6 +37,8 @@ class Optimizer:
     def apply(self, grads: list[Any]) -> None:
         B = self.B
         B.assign(self.t, self.t + 1.0)
+        if self.cfg.weight_decay:
+            grads = [g + self.cfg.weight_decay * p for p, g in zip(self.params, grads)]
         fused = getattr(B, "optimizer_step", None)
         if fused is None:
             return self.apply_reference(grads)

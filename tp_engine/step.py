@@ -5,7 +5,8 @@
 3. the rule sends targets down, layer by layer;
 4. each layer takes an optimizer step on its local loss |h_l - t_l|^2 (mean over the batch, as in
    Lee et al.'s code), with its input and target held constant;
-5. dtp: the inverses take a step on their reconstruction loss (before the forward weights).
+5. rules with trained feedback (dtp, drl, ddtp_linear, ldrl): the feedback weights take steps on
+   their own loss (tp_engine/feedback.py), before the forward weights.
 """
 from __future__ import annotations
 
@@ -31,13 +32,21 @@ class Engine:
         self.top = L if cfg.top_target == "output" else L - 1
         if self.top < 1:
             raise ValueError("top_target last_hidden needs at least one hidden layer")
-        inverse_layers = list(range(2, self.top + 1)) if self.rule.learned_inverse else []
+        fb = self.rule.feedback
+        if fb is None:
+            inverse_layers = []
+        elif fb.kind == "layerwise":  # g_l for l = 2..top (none into the input)
+            inverse_layers = list(range(2, self.top + 1))
+        else:  # direct: from the output to every hidden layer below the top target
+            inverse_layers = list(range(1, self.top))
         init_seq, self.shuffle_seq, self.noise_seq = np.random.SeedSequence(cfg.seed).spawn(3)
-        self.net = Network(B, sizes, cfg.activation, cfg.init, init_seq, inverse_layers)
+        self.net = Network(B, sizes, cfg.activation, cfg.init, init_seq, inverse_layers, fb, cfg.feedback_init_scale)
         scaled = lambda o: o.model_copy(update={"lr": o.lr * cfg.lr_scale})  # noqa: E731
         self.opt = Optimizer(B, scaled(cfg.optimizer), self.net.forward_params())
+        # Feedback that is trained gets its own optimizer; fixed feedback (fa, dfa, fwdtp) none.
         self.inv_opt = (
-            Optimizer(B, scaled(cfg.inverse_optimizer), self.net.inverse_params()) if inverse_layers else None
+            Optimizer(B, scaled(cfg.inverse_optimizer), self.net.inverse_params())
+            if inverse_layers and fb.trained else None
         )
         # Compiled entry points (TensorFlow traces these once; NumPy runs them as they are).
         self.forward_step = B.compile(self._forward_step)
@@ -71,8 +80,7 @@ class Engine:
             t[L] = fwd.hs[L] - exact * g
             dh = OPS["linear"].df(B, g, fwd.hs[L - 1], net.W[L])
             t[L - 1] = fwd.hs[L - 1] - step * dh
-        for l in range(top, 1, -1):
-            t[l - 1] = rule.propagate(B, net, cfg, l, t[l], fwd)
+        rule.fill_targets(B, net, cfg, t, top, fwd)
         return t
 
     # -- local losses and their gradients ----------------------------------------------------
@@ -93,28 +101,18 @@ class Engine:
 
         return B.local_grads(loss_fn, [net.W[l], net.b[l]], manual)
 
+    @property
+    def trained_feedback_layers(self) -> list[int]:
+        return self.net.inverse_layers if self.inv_opt is not None else []
+
+    def noise_width(self, l: int) -> int:
+        """Columns of the noise array the feedback loss of layer l takes."""
+        return self.rule.feedback.loss.noise_width(self.net, l)
+
     def inverse_grads(self, fwd: Forward, l: int, noise) -> tuple[list[Any], Any]:
-        """Gradients of mean_batch |g_l(f_l(h_{l-1}+e)) - (h_{l-1}+e)|^2 w.r.t. V_l, c_l, and the loss."""
-        B, net = self.B, self.net
-        xc = fwd.hs[l - 1] + noise
-        z = net.layer_act(l).f(B, B.matmul(xc, net.W[l]) + net.b[l])
-        n = B.rows(xc)
-
-        def loss_fn(params):
-            V, c = params
-            d = net.act.f(B, B.matmul(z, V) + c) - xc
-            return B.sum(d * d) / n
-
-        pre = B.matmul(z, net.V[l]) + net.c[l]
-        r = net.act.f(B, pre)
-
-        def manual():
-            delta = net.act.vjp(B, 2.0 * (r - xc), pre, r)
-            return [B.matmul_tn(z, delta) / n, B.mean(delta, axis=0)]
-
-        grads = B.local_grads(loss_fn, [net.V[l], net.c[l]], manual)
-        d = r - xc
-        return grads, B.sum(d * d) / n
+        """Gradients of layer l's feedback loss w.r.t. its feedback parameters (V_l, c_l), and
+        the loss (tp_engine/feedback.py; dtp: Lee's reconstruction loss)."""
+        return self.rule.feedback.loss.grads(self, fwd, l, noise)
 
     # -- steps -----------------------------------------------------------------------------
     def _forward_step(self, x, y):
@@ -136,7 +134,7 @@ class Engine:
         net = self.net
         fwd = net.forward(x)
         grads: list[Any] = []
-        for l, e in zip(net.inverse_layers, noise):
+        for l, e in zip(self.trained_feedback_layers, noise):
             grads.extend(self.inverse_grads(fwd, l, e)[0])
         self.inv_opt.apply(grads)
         return 0
@@ -148,7 +146,7 @@ class Engine:
 
     def _diagnose(self, x, y, noise):
         """Per layer: this rule's local gradient of W_l, backprop's gradient of the global loss,
-        the local loss, and (dtp) the inverse loss. Nothing is updated."""
+        the local loss, and the feedback loss of rules that train feedback. Nothing is updated."""
         B, net = self.B, self.net
         fwd = net.forward(x)
         t = self.targets(fwd, y)
@@ -162,7 +160,7 @@ class Engine:
             out[f"norm_bp/{l}"] = B.sqrt(B.sum(g_bp * g_bp))
             d = fwd.hs[l] - t[l]
             out[f"local_loss/{l}"] = B.sum(d * d) / B.rows(x)
-        for l, e in zip(net.inverse_layers, noise):
+        for l, e in zip(self.trained_feedback_layers, noise):
             out[f"inverse_loss/{l}"] = self.inverse_grads(fwd, l, e)[1]
         out["loss"] = B.mean(self.loss.value(B, fwd.hs[net.L], y))
         return out

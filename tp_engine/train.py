@@ -30,7 +30,7 @@ def resolve_loss(cfg: TrialConfig) -> str:
     if cfg.mode == "classification":
         return "softmax_ce"
     # Pixels in [0, 1] suit a sigmoid output; the synthetic sets are standardized reals.
-    return "sigmoid_ce" if cfg.dataset in ("mnist", "cifar10") else "l2"
+    return "sigmoid_ce" if cfg.dataset in ("mnist", "fashion_mnist", "cifar10") else "l2"
 
 
 @dataclass
@@ -130,7 +130,7 @@ def train(
     n, bs = len(x_tr), cfg.batch_size
     n_batches = max(1, n // bs)  # the last partial batch is dropped, as in the seed
     diag_x, diag_y = B.asarray(x_tr[: cfg.diag_size]), B.asarray(y_tr[: cfg.diag_size])
-    noise_shapes = [(bs, net.sizes[l - 1]) for l in net.inverse_layers]
+    noise_shapes = [(bs, engine.noise_width(l)) for l in engine.trained_feedback_layers]
     diag_noise_rng = np.random.default_rng(engine.noise_seq.spawn(1)[0])
     diag_noise = [B.asarray(cfg.noise * diag_noise_rng.standard_normal((len(x_tr[: cfg.diag_size]), s[1]), np.float32)) for s in noise_shapes]
 
@@ -145,19 +145,33 @@ def train(
         perm = rng.permutation(n)
         batches = [perm[i * bs : (i + 1) * bs] for i in range(n_batches)]
 
-        def noise_for(step: int):
+        def noise_for(step: int, rng=noise_rng):
             sigma = cfg.noise / (1.0 + step / 100.0) if cfg.noise_decay else cfg.noise
-            return [B.asarray(sigma * noise_rng.standard_normal(s, np.float32)) for s in noise_shapes]
+            return [B.asarray(sigma * rng.standard_normal(s, np.float32)) for s in noise_shapes]
+
+        def feedback_on(xb, step: int, rng=noise_rng):
+            for _ in range(cfg.feedback_iterations):  # fresh noise for every iteration
+                engine.inverse_step(xb, noise_for(step, rng))
 
         loss_sum, correct, bad = 0.0, 0, False
         with np.errstate(all="ignore"):
-            if engine.inv_opt is not None and cfg.schedule == "per_epoch":
-                for i, idx in enumerate(batches):
-                    engine.inverse_step(B.asarray(x_tr[idx]), noise_for(epoch * n_batches + i))
+            if engine.inv_opt is not None:
+                # Feedback-only passes (drl, ddtp_linear: the authors' pre-training, then one more
+                # before each epoch), each on its own noise stream so resuming draws the same.
+                passes = cfg.feedback_pretrain_epochs if epoch == 0 else cfg.feedback_epochs_per_epoch
+                for k in range(passes):
+                    fb_rng = np.random.default_rng([cfg.seed, epoch, 3, k])
+                    for i in fb_rng.permutation(n)[: n_batches * bs].reshape(n_batches, bs):
+                        feedback_on(B.asarray(x_tr[i]), epoch * n_batches, fb_rng)
+                if cfg.schedule == "per_epoch":
+                    for i, idx in enumerate(batches):
+                        feedback_on(B.asarray(x_tr[idx]), epoch * n_batches + i)
             outs = []
             for i, idx in enumerate(batches):
                 xb, yb = B.asarray(x_tr[idx]), B.asarray(y_tr[idx])
                 if engine.inv_opt is not None and cfg.schedule == "per_batch":
+                    for _ in range(cfg.feedback_iterations - 1):
+                        engine.inverse_step(xb, noise_for(epoch * n_batches + i))
                     out = engine.batch_step(xb, yb, noise_for(epoch * n_batches + i))
                 else:
                     out = engine.forward_step(xb, yb)
@@ -199,7 +213,7 @@ def train(
             cos = d[f"dot/{l}"] / max(d[f"norm_rule/{l}"] * d[f"norm_bp/{l}"], 1e-30)
             m[f"angle_bp/{l}"] = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
             m[f"local_loss/{l}"] = d[f"local_loss/{l}"]
-        for l in net.inverse_layers:
+        for l in engine.trained_feedback_layers:
             m[f"inverse_loss/{l}"] = d[f"inverse_loss/{l}"]
         history.append(m)
         checkpoint = engine_state(engine)
@@ -280,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     p = _ArgParser(prog="python -m tp_engine.train", description="Train one model with a propagation rule.")
-    p.add_argument("--rule", required=True, choices=["bp", "lstp", "rlstp", "dtp"])
+    from tp_engine.rules import RULES
+
+    p.add_argument("--rule", required=True, choices=list(RULES))
     p.add_argument("--backend", default="numpy", choices=["numpy", "tensorflow"])
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--epochs", type=int, default=3)

@@ -1,13 +1,23 @@
-"""Propagation rules. A rule says how the target of layer l-1 is made from the target of layer l;
-everything else (top target, local losses, optimizers) is shared. Adding a rule is one module here
-plus its line in RULES."""
+"""Propagation rules. A rule says how targets are sent down (and which feedback weights it has,
+and how they are trained); everything else (top target, local losses, optimizers) is shared.
+Adding a rule is one module here plus its line in RULES: the spec, the CLIs and the report take
+their rule names from this registry."""
 from tp_engine.rules.base import Rule
 from tp_engine.rules.bp import BP
+from tp_engine.rules.ddtp_linear import DDTPLinear
+from tp_engine.rules.dfa import DFA
+from tp_engine.rules.drl import DRL
 from tp_engine.rules.dtp import DTP
+from tp_engine.rules.fa import FA
+from tp_engine.rules.fwdtp import FWDTP
+from tp_engine.rules.ldrl import LDRL
 from tp_engine.rules.lstp import LSTP
 from tp_engine.rules.rlstp import RLSTP
 
-RULES: dict[str, Rule] = {r.name: r for r in (BP(), LSTP(), RLSTP(), DTP())}
+# Registration order is the order of tables and plots.
+RULES: dict[str, Rule] = {r.name: r for r in (
+    BP(), DTP(), RLSTP(), LSTP(), FA(), DFA(), DRL(), DDTPLinear(), LDRL(), FWDTP(),
+)}
 
 
 def get_rule(name: str) -> Rule:
