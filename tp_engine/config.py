@@ -100,6 +100,10 @@ class TrialConfig(BaseModel):
     # Fixed random feedback drawn U(+-scale) (fwdtp).
     feedback_init_scale: float = Field(1e-3, gt=0, le=100)
 
+    # A trial whose training loss grows past this multiple of its first epoch's ends as diverged,
+    # like a non-finite loss (a loss 1000x its start is a blow-up, not learning); None: off.
+    divergence_factor: float | None = Field(1000.0, gt=1)
+
     # Diagnostics: angle to backprop and local losses are measured on this many training rows.
     diag_size: int = Field(1000, ge=1)
     # TensorFlow path: compile the step with XLA.

@@ -1,8 +1,9 @@
 """One training run: the loop, and the ``python -m tp_engine.train`` CLI.
 
 ``train(cfg, on_epoch=...)`` calls ``on_epoch(metrics, checkpoint)`` after every epoch with a flat
-dict of numbers and the state to resume from, so the worker can report each epoch to Ray Tune and MLflow. A non-finite loss or weight
-ends the run with status ``diverged``; the last finite metrics are kept.
+dict of numbers and the state to resume from, so the worker can report each epoch to Ray Tune and MLflow. A non-finite loss or weight,
+or a training loss past ``divergence_factor`` times the first epoch's, ends the run with status
+``diverged``; the last finite metrics are kept.
 """
 from __future__ import annotations
 
@@ -194,10 +195,13 @@ def train(
                 te = evaluate(engine, x_te, y_te, cfg.mode, loss)
                 d = {k: float(np.asarray(B.to_numpy(v))) for k, v in engine.diagnose(diag_x, diag_y, diag_noise).items()}
                 bad = not all(math.isfinite(v) for k, v in va.items())
+            seen = (i + 1) * bs
+            if not bad and history and cfg.divergence_factor is not None:
+                # Finite but exploding: compared with the first epoch's training loss.
+                bad = loss_sum / seen > cfg.divergence_factor * max(history[0]["train_loss"], 1e-12)
         if bad:
             status = STATUS_DIVERGED
             break
-        seen = (i + 1) * bs
         m: dict[str, float] = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
