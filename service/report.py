@@ -5,11 +5,14 @@
 
 Looks the sweep up (API when ``--service URL`` or SWEEP_SERVICE_URL is given, else the local queue),
 then runs ``worker.report.compare`` on its MLflow experiment and parent run with the spec's metric,
-mode and swept parameters. Prints the table (one row per rule), writes comparison.md/.csv and the
+mode and swept parameters. Prints the table (one row per rule, or per rule and value of the spec's
+``report.group_by`` parameters; narrow terminals get two lines per row), writes comparison.md/.csv and the
 plots to ``--outdir`` (default ``$SWEEP_DATA_DIR/reports/<id>/``) with the spec and ``record.json``
 (the sweep and MLflow ids, every trial's run, the machines, the commands) and, with ``--markdown PATH``, a
 Markdown file with the table, the plots, the sweep and MLflow ids, the date and the command line
-that made it.
+that made it. Paths in what it writes are relative to the working directory or the repository, and
+the MLflow store is shown as the user set it (MLFLOW_TRACKING_URI, --tracking-uri) or, for the
+embedded default, as ``sqlite:///mlflow.db`` in the directory the sweep ran from.
 
 Exit codes: 0 ok, 2 bad input (unknown sweep, bad path), 1 otherwise (e.g. the sweep has no MLflow
 runs yet, MLflow unreachable).
@@ -148,7 +151,8 @@ def record(view: SweepView, spec, cmp, shown: str, command: str) -> dict:
         "published": spec.published.model_dump() if spec.published else None,
         "group_by": cmp.group_by,
         "trials": [{"run_id": tr.run_id, "trial_id": tr.trial_id, "rule": tr.rule, "seed": tr.seed,
-                    "dataset": tr.dataset, **group(tr), "status": tr.status, **tr.swept, "epochs": fin(tr, "epochs"), "best_epoch": fin(tr, "best_epoch"),
+                    "dataset": tr.dataset, **group(tr), "status": tr.status, **tr.swept,
+                    "epochs": fin(tr, "epochs"), "best_epoch": fin(tr, "best_epoch"),
                     "best_valid_accuracy": fin(tr, "best_valid_accuracy"),
                     "test_accuracy_at_best_valid": fin(tr, "test_accuracy_at_best_valid"),
                     "seconds_per_epoch": fin(tr, "seconds_per_epoch"),

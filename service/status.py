@@ -104,7 +104,9 @@ def comparison_view(rows: list[dict], console: Console, title: str | None = None
         t.add_row(str(r["rule"]), *(str(r.get(g, "?")) for g in group_by), _pm(r["metric_mean"], r["metric_std"]),
                   _pm(r["test_mean"], r["test_std"]), _num(r["best_trial_metric"], 4), r["best_config"] or "defaults",
                   _num(r["seconds_per_epoch"], 2), trials_text(r))
-    if console.width >= 100 and Measurement.get(console, console.options, t).maximum <= console.width:
+    # Measured as if the terminal had no edge: the table's own width, not the one it would squeeze into.
+    natural = Measurement.get(console, console.options.update_width(10_000), t).maximum
+    if console.width >= 100 and natural <= console.width:
         return t
     # Narrow: a vertical layout, one block of two lines per rule.
     lines = Text(f"{title}\n" if title else "")

@@ -9,6 +9,7 @@ per rule when it is narrow.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -180,3 +181,17 @@ def test_sweep_run_throttles_progress_and_maps_outcomes(tmp_path, monkeypatch):
     fp = final_progress({"done": 1, "running": 1, "best": {"bp": 0.5}},
                         {"n_trials": 3, "trial_status": {"completed": 1, "pending": 1}})
     assert (fp["done"], fp["running"], fp["pending"], fp["best"]) == (1, 0, 2, {"bp": 0.5})
+
+
+def test_comparison_is_never_cut_at_any_width():
+    from rich.console import Console
+
+    grouped = [{**r, "dataset": d, "group": f"{r['rule']}/{d}", "group_by": "dataset", "rule": rule}
+               for d in ("mnist", "fashion_mnist") for rule in ("ddtp_linear", "bp") for r in TABLE[:1]]
+    for rows in (TABLE, grouped):
+        for width in range(60, 200, 3):
+            console = Console(width=width, record=True, file=io.StringIO())
+            console.print(status_cli.comparison_view(rows, console, status_cli.COMPARISON_TITLE))
+            text = console.export_text()
+            assert "…" not in text and max(map(len, text.splitlines())) <= width, (width, text)
+            assert "fashion_mnist" in text or rows is TABLE
