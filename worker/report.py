@@ -313,6 +313,8 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
 
     paths = []
     panels = _panels(cmp)
+    # One colour per rule in every panel, even where a panel lacks some rule.
+    colour = {rule: f"C{i % 10}" for i, rule in enumerate(dict.fromkeys(r for _, ls in panels for r, _ in ls))}
     metric_name = next((cv["metric"] for cv in cmp.curves.values()), "valid_accuracy")
     fig, axes = _subplots(max(len(panels), 1))
     for ax, (title, lines) in zip(axes, panels):
@@ -320,8 +322,8 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
             cv = cmp.curves[name]
             if not cv["epoch"]:
                 continue
-            ax.plot(cv["epoch"], cv["mean"], marker="o", ms=3, label=label)
-            ax.fill_between(cv["epoch"], cv["lo"], cv["hi"], alpha=0.2)
+            ax.plot(cv["epoch"], cv["mean"], marker="o", ms=3, label=label, color=colour[label])
+            ax.fill_between(cv["epoch"], cv["lo"], cv["hi"], alpha=0.2, color=colour[label])
         _label(ax, "epoch", f"{metric_name} (mean ± std over seeds)", _title("Validation curve per rule", title))
     paths.append(_finish(fig, outdir / "learning_curves.png"))
 
@@ -330,7 +332,7 @@ def plot(cmp: Comparison, outdir: Path) -> list[Path]:
         for label, name in lines:
             angles = cmp.angles.get(name)
             if angles:
-                ax.plot(list(angles), list(angles.values()), marker="o", label=label)
+                ax.plot(list(angles), list(angles.values()), marker="o", label=label, color=colour[label])
         ax.axhline(90, color="gray", ls="--", lw=0.8)
         _label(ax, "layer", "angle to backprop update (degrees)", _title("Final angle to backprop per layer", title))
     paths.append(_finish(fig, outdir / "angle_bp.png"))
