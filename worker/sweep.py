@@ -180,6 +180,18 @@ class _ProgressCallback(Callback):
         self._update(trials)
 
 
+class _PruneCheckpoints(Callback):
+    """Tune keeps every checkpoint directory (num_to_keep=None); this drops the bulk of the older
+    ones instead. Tune's own rotation deletes the checkpoint its last experiment-state snapshot
+    names before the next snapshot lands, so a driver killed in between left a trial that could
+    not be resumed ("does not exist on storage anymore")."""
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        from worker.trainable import prune_checkpoints
+
+        prune_checkpoints(checkpoint)
+
+
 def _progress_callback(progress: Progress, metric: str, mode: str, on_progress, key: str):
     _LISTENERS[key] = (progress, on_progress)
     return _ProgressCallback(metric, mode, key)
@@ -235,8 +247,9 @@ def run_sweep(
         name=sweep_id,
         storage_path=root,
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress, sweep_id)],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # pruned by _PruneCheckpoints
+        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress, sweep_id),
+                   _PruneCheckpoints()],
         verbose=0,
     )
     exp_path = os.path.join(root, sweep_id)

@@ -27,22 +27,99 @@ class TrialContext:
     parent_run_id: str
 
 
+STATE_FILE, META_FILE = "state.npz", "meta.json"
+
+
 def _load_checkpoint():
+    """(meta, state) to resume from, or (None, None) for a fresh start."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None, None
+    got = _read_checkpoint(ckpt)
+    if got is None:
+        # Pruned (see prune_checkpoints) or cut short while being overwritten: the experiment
+        # state Tune resumed from names a checkpoint that has since been superseded. The trial's
+        # newest whole one is a state of the same deterministic run, further along.
+        got = _newest_whole_checkpoint(ckpt)
+    if got is None:
+        raise RuntimeError(f"no readable checkpoint at or beside {ckpt.path}")
+    return got
+
+
+def _read_checkpoint(ckpt) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """(meta, state), or None when the checkpoint holds no whole state."""
+    import zipfile
+
     with ckpt.as_directory() as d:
-        meta = json.loads((Path(d) / "meta.json").read_text())
-        with np.load(Path(d) / "state.npz") as z:
-            state = {k: z[k] for k in z.files}
-    return meta, state
+        path = Path(d) / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                state = {k: z[k] for k in z.files if k != "__meta__"}
+                # Older checkpoints keep their meta only in meta.json.
+                raw = str(z["__meta__"]) if "__meta__" in z.files else (Path(d) / META_FILE).read_text()
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
+    return json.loads(raw), state
+
+
+def _checkpoint_dirs(ckpt) -> list[tuple[int, str]]:
+    """(index, path) of every checkpoint directory of ckpt's trial, ckpt's own included."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    out = []
+    parent = posixpath.dirname(ckpt.path.rstrip("/"))
+    for info in ckpt.filesystem.get_file_info(pafs.FileSelector(parent)):
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name[11:].isdigit():
+            out.append((int(name[11:]), info.path))
+    return out
+
+
+def _newest_whole_checkpoint(ckpt) -> tuple[dict, dict[str, np.ndarray]] | None:
+    from ray import tune
+
+    best = None
+    for _, path in _checkpoint_dirs(ckpt):
+        got = _read_checkpoint(tune.Checkpoint(path, filesystem=ckpt.filesystem))
+        if got is not None and (best is None or got[0]["epoch"] > best[0]["epoch"]):
+            best = got
+    return best
 
 
 def _save_checkpoint(d: Path, meta: dict, state: dict[str, np.ndarray]) -> None:
-    np.savez(d / "state.npz", **state)
-    (d / "meta.json").write_text(json.dumps(meta))
+    # The meta also goes inside state.npz, so a checkpoint torn while a resumed trial overwrites
+    # it in place fails to load instead of pairing one epoch's meta with another's state;
+    # meta.json alone stays behind when the state is pruned, keeping the directory.
+    np.savez(d / STATE_FILE, **state, __meta__=np.array(json.dumps(meta)))
+    (d / META_FILE).write_text(json.dumps(meta))
+
+
+def prune_checkpoints(ckpt) -> None:
+    """Drop the state of the trial's checkpoints older than ``ckpt``, a checkpoint Tune has just
+    registered, but keep their directories: the experiment state Tune resumes from may still
+    name one (it is snapshotted only now and then), and Tune refuses to restore a trial whose
+    named checkpoint is gone, while _load_checkpoint moves on from a pruned one to the newest.
+    Only older indices: a newer one may be being written right now. Never raises (Tune would
+    skip registering the checkpoint)."""
+    import logging
+    import posixpath
+
+    try:
+        index = int(posixpath.basename(ckpt.path.rstrip("/"))[11:])
+        for i, path in _checkpoint_dirs(ckpt):
+            if i < index:
+                try:
+                    ckpt.filesystem.delete_file(posixpath.join(path, STATE_FILE))
+                except OSError:
+                    pass  # already pruned
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).warning("could not prune checkpoints before %s", ckpt.path, exc_info=True)
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
