@@ -72,6 +72,42 @@ def test_deriv_is_elementwise_derivative(name):
     np.testing.assert_allclose(op.deriv(B, x), numeric, rtol=1e-7, atol=1e-8)
 
 
+DF_Y_OPS = [name for name in OPS if OPS[name].df_y is not None]
+
+
+def test_df_y_ops_are_the_smooth_activations():
+    # A new op with df_y joins the checks below by itself; this guards the list from shrinking.
+    assert {"tanh", "sigmoid", "linear_act"} <= set(DF_Y_OPS)
+
+
+@pytest.mark.parametrize("name", DF_Y_OPS)
+def test_df_y_matches_finite_differences(name):
+    """df_y (the vector-Jacobian product written through the output y = f(x), which local
+    gradients use) against central differences of x -> sum(f(x) * r), not against df."""
+    rng = rng_for("df_y", name)
+    op = OPS[name]
+    # Include large |x| (saturated tanh/sigmoid), where 1 - y^2 and y(1 - y) are tiny.
+    x = np.concatenate([away_from_zero(rng, (5, 4)), away_from_zero(rng, (2, 4), lo=3.0, hi=6.0)])
+    r = rng.standard_normal(x.shape)
+    analytic = op.df_y(B, r, op.f(B, x))
+    numeric = central_diff(lambda z: float(np.sum(op.f(B, z) * r)), x)
+    assert analytic.shape == x.shape
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
+    # vjp, what the engine calls, takes the df_y path when there is one.
+    np.testing.assert_array_equal(op.vjp(B, r, x, op.f(B, x)), analytic)
+
+
+@pytest.mark.parametrize("name", DF_Y_OPS)
+def test_df_y_float32_matches_float64(name):
+    rng = rng_for("df_y32", name)
+    op = OPS[name]
+    x = away_from_zero(rng, (5, 4))
+    r = rng.standard_normal(x.shape)
+    got = op.df_y(B, r.astype(np.float32), op.f(B, x.astype(np.float32)))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, op.df_y(B, r, op.f(B, x)), rtol=1e-5, atol=1e-6)
+
+
 def test_df_float32_matches_float64():
     rng = rng_for("df32")
     for name in ["linear", "add", *ACTS]:
