@@ -43,11 +43,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
-from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.queue import InvalidTransition, QueueUnavailable, SweepQueue, SweepState
+from service.queue import UNAVAILABLE_ERRORS, InvalidTransition, SweepQueue, SweepState, unavailable_reason
 from service.settings import Settings
 from service.views import SweepList, SweepView, ViewBuilder, spec_from_text
 from worker.spec import DOCUMENT, MAX_SPEC_BYTES, SpecError, SweepSpec
@@ -253,11 +252,6 @@ def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
 
 # ---- the app ---------------------------------------------------------------------------------
 
-# Database failures that say "not now" rather than "wrong": answered 503 + Retry-After.
-DB_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
-                  sa_exc.DisconnectionError, QueueUnavailable)
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -319,14 +313,13 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": exc.errors})
 
     async def _on_database_down(request: Request, exc: Exception):
-        cause = getattr(exc, "orig", None) or exc
         log.warning("queue database unavailable (%s %s -> 503): %s", request.method, request.url.path,
-                    " ".join(str(cause).split())[:300])
+                    unavailable_reason(exc))
         return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                             content={"detail": "the queue database is unavailable (restarting or busy); "
                                                f"nothing was changed: retry in {RETRY_AFTER_S} s"})
 
-    for exc_type in DB_UNAVAILABLE:
+    for exc_type in UNAVAILABLE_ERRORS:  # "not now" rather than "wrong"
         app.add_exception_handler(exc_type, _on_database_down)
 
     @app.exception_handler(StarletteHTTPException)

@@ -58,7 +58,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.queue import InvalidTransition, SweepQueue, SweepRecord, SweepState
+from service.queue import (UNAVAILABLE_ERRORS, InvalidTransition, SweepQueue, SweepRecord, SweepState,
+                           unavailable_reason)
 from service.settings import Settings
 from worker.lifecycle import SweepFolder
 
@@ -150,6 +151,13 @@ class Dispatcher:
                 if self._last_error:
                     log.info("dispatcher recovered")
                     self._last_error = None
+            except UNAVAILABLE_ERRORS as e:
+                # The queue database is away (restarting, locked): nothing half-done is lost (each
+                # queue call is one transaction) and the next tick reconnects (pool_pre_ping).
+                msg = f"queue database unavailable: {unavailable_reason(e)}"
+                if msg != self._last_error:
+                    log.warning("dispatcher tick failed (retrying every %.1fs): %s", self.poll_interval, msg)
+                    self._last_error = msg
             except Exception as e:  # keep the loop alive whatever happens; say it once
                 msg = f"{type(e).__name__}: {e}"
                 if msg != self._last_error:

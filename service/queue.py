@@ -25,6 +25,7 @@ import enum
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 __all__ = [
     "InvalidTransition",
     "QueueUnavailable",
+    "UNAVAILABLE_ERRORS",
     "SweepQueue",
     "SweepRecord",
     "SweepState",
@@ -81,6 +83,18 @@ class InvalidTransition(Exception):
 
 class QueueUnavailable(Exception):
     """The queue database could not be written in time (nothing was changed); try again later."""
+
+
+# Errors that mean "the database is away or busy, try again" rather than "this is wrong": the API
+# answers them 503, the dispatcher retries its tick.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, sa.exc.DisconnectionError, QueueUnavailable)
+
+
+def unavailable_reason(exc: BaseException) -> str:
+    """One line about a database outage (the driver's message, without SQLAlchemy's SQL dump)."""
+    cause = getattr(exc, "orig", None) or exc
+    return " ".join(str(cause).split())[:300] or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -232,12 +246,20 @@ class SweepQueue:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on success."""
+        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on success. On SQLite the
+        wait for this process's mutex and the wait for the file's write lock share one
+        ``busy_timeout_s``, so a caller never waits longer than that in all."""
         mutex = self._write_mutex
+        deadline = time.monotonic() + self.busy_timeout_s
         if mutex is not None and not mutex.acquire(timeout=self.busy_timeout_s):
             raise QueueUnavailable(f"the queue database is busy: no write slot within {self.busy_timeout_s:g} s")
         try:
-            with self._writer.begin() as conn:
+            writer = self._writer
+            left = deadline - time.monotonic()
+            if mutex is not None and left < self.busy_timeout_s - 0.05:
+                writer = self._engine.execution_options(sqlite_immediate=True,
+                                                        sqlite_busy_ms=max(1, int(left * 1000)))
+            with writer.begin() as conn:
                 yield conn
         finally:
             if mutex is not None:
@@ -506,7 +528,16 @@ def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 
+    full_ms = int(busy_timeout_s * 1000)
+
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn):
-        immediate = conn.get_execution_options().get("sqlite_immediate", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        opts = conn.get_execution_options()
+        # A writer that already waited for the mutex waits only what is left for the file lock;
+        # the connection gets the full timeout back on its next use.
+        busy_ms = opts.get("sqlite_busy_ms", full_ms)
+        info = conn.connection.info
+        if info.get("busy_ms", full_ms) != busy_ms:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
+            info["busy_ms"] = busy_ms
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if opts.get("sqlite_immediate", False) else "BEGIN")
