@@ -44,8 +44,13 @@ INVALID = [
      "parameters.alpha.min", ["valid number"]),
     ("wrong-type-name", "name: 12\n", "name", ["valid string"]),
     ("unknown-rule-in-values", "name: x\nparameters:\n  rule: {distribution: values, values: [bp, foo, dtp]}\n",
-     "parameters.rule.values[1]", ["'bp', 'lstp', 'rlstp' or 'dtp'"]),
-    ("unknown-rule-in-base", "name: x\nbase: {rule: sgd}\n", "base.rule", ["'bp', 'lstp', 'rlstp' or 'dtp'"]),
+     "parameters.rule.values[1]", ["'bp', 'dtp', 'rlstp', 'lstp', 'fa', 'dfa', 'drl', 'ddtp_linear', 'ldrl' or 'fwdtp'"]),
+    ("unknown-rule-in-base", "name: x\nbase: {rule: sgd}\n", "base.rule", ["'bp', 'dtp', 'rlstp', 'lstp', 'fa', 'dfa', 'drl', 'ddtp_linear', 'ldrl' or 'fwdtp'"]),
+    ("misspelt-rule-suggests", "name: x\nbase: {rule: ddtp_lin}\n", "base.rule", ["did you mean ddtp_linear?"]),
+    ("misspelt-dataset-suggests", "name: x\nbase: {dataset: fashion_mnst}\n", "base.dataset",
+     ["did you mean fashion_mnist?", "'mnist', 'fashion_mnist', 'cifar10'"]),
+    ("unknown-rule-override-key", "name: x\nrule_overrides: {dtpp: {alpha: 0.1}}\n", "rule_overrides.dtpp",
+     ["did you mean dtp or fwdtp?"]),
     ("negative-epochs", "name: x\nbase: {epochs: -1}\n", "base.epochs", ["greater than or equal to 1"]),
     ("negative-epochs-in-values", "name: x\nparameters:\n  epochs: {distribution: values, values: [2, -3]}\n",
      "parameters.epochs.values[1]", ["greater than or equal to 1"]),
@@ -433,6 +438,40 @@ search: {num_samples: 50}
     for t in spec.expand():
         spec.trial_config(t["params"])
         assert 0.001 <= t["params"]["optimizer.lr"] <= 0.1
+
+
+def _check_quantized(values, lo: float, hi: float, q: float) -> None:
+    assert all(lo <= v <= hi for v in values), [v for v in values if not lo <= v <= hi]
+    # A multiple of q up to float rounding (0.003 is not exactly 3 * 0.001 in binary).
+    off = [v for v in values if abs(v / q - round(v / q)) > 1e-9]
+    assert not off, off
+    assert len(set(values)) >= 10, sorted(set(values))  # drawn across the range, not pinned
+
+
+def test_q_distributions_draw_multiples_of_q():
+    """Both samplers, the dry-run preview's and Tune's (what trials get), return multiples of q
+    within [min, max]; qloguniform also spreads over the decades, as a log scale should."""
+    spec = SweepSpec.from_yaml("""\
+name: q
+parameters:
+  alpha: {distribution: quniform, min: 0.5, max: 1.0, q: 0.05}
+  optimizer.lr: {distribution: qloguniform, min: 0.001, max: 0.1, q: 0.001}
+search: {num_samples: 300}
+""")
+    trials = spec.expand()
+    previews = {path: [t["params"][path] for t in trials] for path in ("alpha", "optimizer.lr")}
+    pytest.importorskip("ray.tune")
+    from worker.search_space import to_param_space
+
+    space = to_param_space(spec)
+    drawn = {path: [float(v) for v in space[path].sample(size=300, random_state=0)]
+             for path in ("alpha", "optimizer.lr")}
+    for values in (previews, drawn):
+        _check_quantized(values["alpha"], 0.5, 1.0, 0.05)
+        _check_quantized(values["optimizer.lr"], 0.001, 0.1, 0.001)
+        lr = values["optimizer.lr"]
+        # Log-uniform over [0.001, 0.1]: about half the draws below 0.01 (uniform: ~9%).
+        assert 0.3 < sum(v < 0.0105 for v in lr) / len(lr) < 0.7
 
 
 def test_load_is_fast_and_imports_nothing_heavy():

@@ -225,6 +225,12 @@ def _field_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "")
                 reason = f"expected a mapping, got {got}"
         elif kind == "list_type":
             reason = f"expected a list, got {_type_name(err.get('input'))}"
+        elif kind == "literal_error" and isinstance(err.get("input"), str):
+            # An unknown rule, dataset, optimizer...: Pydantic names the registered ones; add the nearest.
+            allowed = [a.strip().strip("'") for a in re.split(r",| or ", str(ctx.get("expected", ""))) if a.strip()]
+            close = _suggest(err["input"], allowed)
+            if close:
+                reason = f"{reason}; did you mean {_or(close)}?"
         out.append(FieldError(path, reason))
     return out
 
