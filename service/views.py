@@ -150,6 +150,8 @@ class ViewBuilder:
         cached = self._final.get(rec.id)
         if cached is not None:
             return cached
+        if not rec.mlflow_experiment_id and not rec.is_terminal:
+            return None, None  # a queued sweep has no files yet (most of a long list)
         folder = self.sweeps_dir / rec.id
         started = read_json(folder / "started.json") if rec.mlflow_experiment_id else None
         uri = (started or {}).get("tracking_uri")
