@@ -552,3 +552,65 @@ def test_default_queue_url(monkeypatch, tmp_path):
     with SweepQueue(default_queue_url()) as queue:
         assert queue.submit("x", "y").state is S.QUEUED
     assert (tmp_path / "sweep_data" / "queue.db").is_file()
+
+
+# -- database settings and outages ----------------------------------------------------------
+
+
+def test_sqlite_settings(tmp_path):
+    """WAL with synchronous=NORMAL (no fsync per commit) and the busy timeout asked for, on
+    every pooled connection; a writer that waited for the in-process mutex gets only the rest of
+    its time for the file lock, and the connection its full timeout back afterwards."""
+    q = SweepQueue(f"sqlite:///{tmp_path / 'q.db'}", busy_timeout_s=2.5)
+    with q._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2500
+    set_to: list[int] = []
+
+    @sa.event.listens_for(q._engine, "before_cursor_execute")
+    def _seen(conn, cursor, statement, *args):
+        if statement.startswith("PRAGMA busy_timeout="):
+            set_to.append(int(statement.split("=")[1]))
+
+    q._write_mutex.acquire()
+    threading.Timer(1.0, q._write_mutex.release).start()
+    assert q.submit("t", "name: t\n").name == "t"  # waited about 1 s for the mutex
+    assert len(set_to) == 1 and set_to[0] <= 1600, set_to
+    q.submit("u", "name: u\n")  # no wait: the full timeout again
+    assert set_to[1:] == [2500], set_to
+    q.submit("v", "name: v\n")
+    assert len(set_to) == 2  # and no PRAGMA at all while nothing changes
+    q.close()
+
+
+def test_unavailable_errors_name_outages_not_mistakes(tmp_path):
+    from service.queue import UNAVAILABLE_ERRORS, QueueUnavailable, unavailable_reason
+
+    q = SweepQueue(f"sqlite:///{tmp_path / 'q.db'}", busy_timeout_s=0.2)
+    other = sa.create_engine(f"sqlite:///{tmp_path / 'q.db'}").connect()
+    other.exec_driver_sql("BEGIN EXCLUSIVE")
+    with pytest.raises(UNAVAILABLE_ERRORS) as e:
+        q.submit("t", "name: t\n")
+    assert unavailable_reason(e.value) == "database is locked"
+    other.exec_driver_sql("ROLLBACK")
+    other.close()
+    assert isinstance(QueueUnavailable("x"), UNAVAILABLE_ERRORS)
+    assert not isinstance(KeyError("x"), UNAVAILABLE_ERRORS)
+    assert not isinstance(sa.exc.IntegrityError("s", {}, Exception()), UNAVAILABLE_ERRORS)
+    q.close()
+
+
+def test_postgresql_connect_is_bounded_when_the_server_is_away():
+    """Nothing listens: the queue fails fast (refused), and its engine has a connect timeout and
+    pre-ping for when something half-listens or the server restarted."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        SweepQueue(f"postgresql://postgres@127.0.0.1:{port}/sweeps", busy_timeout_s=3)
+    assert time.monotonic() - t0 < 5
