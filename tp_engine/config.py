@@ -15,13 +15,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tp_engine.data import DATASETS  # the dataset registry (no NumPy)
 from tp_engine.rules import RULES as _RULES  # noqa: E402  (the registry: no heavy imports)
 
 RULES: tuple[str, ...] = tuple(_RULES)
 Rule = Literal[RULES]  # type: ignore[valid-type]
 Activation = Literal["tanh", "sigmoid", "relu", "leaky_relu", "linear"]
 Loss = Literal["softmax_ce", "sigmoid_ce", "sigmoid_l2", "l2"]
-DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus"]
+DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
 
 
 class OptimizerConfig(BaseModel):

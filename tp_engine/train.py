@@ -30,8 +30,10 @@ def resolve_loss(cfg: TrialConfig) -> str:
         return cfg.loss
     if cfg.mode == "classification":
         return "softmax_ce"
+    from tp_engine.data import SOURCES
+
     # Pixels in [0, 1] suit a sigmoid output; the synthetic sets are standardized reals.
-    return "sigmoid_ce" if cfg.dataset in ("mnist", "fashion_mnist", "cifar10") else "l2"
+    return "sigmoid_ce" if SOURCES[cfg.dataset].image_shape is not None else "l2"
 
 
 @dataclass

