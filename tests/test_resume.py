@@ -157,3 +157,48 @@ def test_resumed_tensorflow_run_matches(mnist, rule):
             assert b[key] == pytest.approx(a[key], rel=RTOL, abs=ATOL), key
     for name, value in straight.checkpoint.items():
         np.testing.assert_allclose(resumed.checkpoint[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+# ---- the trial's checkpoint files: pruning and the fallback to the newest whole one -------------
+
+
+def test_pruned_and_torn_checkpoints_fall_back_to_the_newest_whole_one(tmp_path):
+    """What worker.sweep's _PruneCheckpoints leaves and what a resumed trial then loads: older
+    checkpoints keep their directory (the experiment state may name one) but not their state;
+    a checkpoint torn while being overwritten is skipped; the newest whole one is loaded."""
+    from ray import tune
+
+    from worker.trainable import (
+        _newest_whole_checkpoint, _read_checkpoint, _save_checkpoint, prune_checkpoints,
+    )
+
+    def ckpt(i):
+        return tune.Checkpoint(str(tmp_path / f"checkpoint_{i:06d}"))
+
+    for i in range(4):  # checkpoint_00000i holds epoch i + 1
+        d = tmp_path / f"checkpoint_{i:06d}"
+        d.mkdir()
+        _save_checkpoint(d, {"epoch": i + 1, "history": [{"epoch": e} for e in range(1, i + 2)]},
+                         {"w": np.full(3, i, np.float32)})
+    (tmp_path / "checkpoint_x").mkdir()  # not Tune's: ignored
+    prune_checkpoints(ckpt(2))  # Tune registered checkpoint_000002
+    for i in range(4):
+        assert (tmp_path / f"checkpoint_{i:06d}" / "meta.json").exists()
+        assert (_read_checkpoint(ckpt(i)) is None) == (i < 2), i  # 3 may be being written: kept
+    # The experiment state names checkpoint_000000 (pruned): the newest whole one is loaded.
+    meta, state = _newest_whole_checkpoint(ckpt(0))
+    assert meta["epoch"] == 4 and state["w"].tolist() == [3, 3, 3]
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4]
+    # checkpoint_000003 torn mid-overwrite (a resumed trial rewrites indices after the named one).
+    path = tmp_path / "checkpoint_000003" / "state.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    assert _read_checkpoint(ckpt(3)) is None
+    meta, state = _newest_whole_checkpoint(ckpt(0))
+    assert meta["epoch"] == 3 and state["w"].tolist() == [2, 2, 2]
+    # A checkpoint from before the meta went into state.npz still loads.
+    old = tmp_path / "old" / "checkpoint_000000"
+    old.mkdir(parents=True)
+    np.savez(old / "state.npz", w=np.ones(2, np.float32))
+    (old / "meta.json").write_text('{"epoch": 7, "history": []}')
+    meta, state = _read_checkpoint(tune.Checkpoint(str(old)))
+    assert meta["epoch"] == 7 and state["w"].tolist() == [1, 1]
