@@ -1,9 +1,10 @@
 """The README's main command on the embedded default, as a real process: `python -m service.submit
 SPEC` starts a local Ray, logs to a local MLflow store (SQLite) and keeps its queue in SQLite under
 $SWEEP_DATA_DIR. Also: a sweep left `failed` (its driver crashed) is retried with `--resume`, and
-keeps what its first run logged.
+keeps what its first run logged; once for a sweep that never ran, once for one whose driver was
+killed after a trial had finished.
 
-One tiny sweep (2 trials, 2-D data, 2 epochs): the time goes into starting Ray and MLflow.
+Tiny sweeps (2 trials, 2-D data, 2-3 epochs): the time goes into starting Ray and MLflow.
 """
 from __future__ import annotations
 
@@ -173,3 +174,108 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     # Resuming a finished sweep is refused as bad input.
     r = _submit(env, "--resume", sweep_id)
     assert r.returncode == 2 and "succeeded" in r.stderr
+
+
+PARTLY = """\
+name: embedded-partly
+base: {dataset: spiral, hidden: [8], epochs: 3, batch_size: 50, subset: 400, diag_size: 100}
+parameters:
+  rule: {distribution: values, values: [bp, dtp]}
+search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 1}
+"""
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (this test's own SWEEP_DATA_DIR): the
+    killed driver's Ray processes, if any outlived it."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_retry_of_a_partly_run_failed_sweep(tmp_path):
+    """The driver dies after one trial finished (SIGKILL: no cleanup, the sweep stays `running`
+    in the queue until marked failed, as a crashed driver is). --resume then keeps the finished
+    trial as it was and runs only the other one."""
+    import signal
+    import time
+
+    from service.queue import SweepState
+
+    env = _env(tmp_path)
+    (tmp_path / "spec.yaml").write_text(PARTLY)
+    marker = f"SWEEP_DATA_DIR={env['SWEEP_DATA_DIR']}"
+    log = tmp_path / "first.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "service.submit", str(tmp_path / "spec.yaml"), "--json",
+                                 "--num-cpus", "2"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    done_flt = "tags.`tp.kind` = 'trial' and tags.status = 'completed'"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            exp = c.get_experiment_by_name("embedded-partly")
+            if exp is not None and c.search_runs([exp.experiment_id], done_flt):
+                break
+            time.sleep(0.25)
+        assert proc.poll() is None, f"the sweep ended before it could be killed part way:\n{log.read_text()[-3000:]}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        # Anything of its local Ray that outlived it (by pid: only this test's processes).
+        deadline = time.time() + 30
+        while (left := _processes_with_env(marker)) and time.time() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+
+    queue = SweepQueue(f"sqlite:///{tmp_path / 'data' / 'queue.db'}")
+    (rec,) = queue.list()
+    assert rec.state is SweepState.RUNNING  # what a killed driver leaves
+    queue.mark(rec.id, SweepState.FAILED, error="RuntimeError: driver killed")
+    queue.close()
+    exp_id = c.get_experiment_by_name("embedded-partly").experiment_id
+    finished = c.search_runs([exp_id], done_flt)
+    assert len(finished) == 1, "a partly run sweep: one trial finished, the other not"
+    before = finished[0]
+    hist_before = [(m.step, m.timestamp, m.value) for m in c.get_metric_history(before.info.run_id, "valid_accuracy")]
+
+    r = _submit(env, "--resume", rec.id)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"retrying failed sweep {rec.id}" in r.stderr and "driver killed" in r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["sweep_id"] == rec.id and out["state"] == "succeeded"
+    assert out["trial_status"] == {"completed": 2}
+    with SweepQueue(f"sqlite:///{tmp_path / 'data' / 'queue.db'}") as q:
+        rec = q.get(rec.id)
+    assert rec.state is SweepState.SUCCEEDED and rec.attempts == 2 and rec.error is None
+    from tp_engine.train import train
+    from worker.spec import load_spec
+
+    runs = c.search_runs([exp_id], "tags.`tp.kind` = 'trial'")
+    assert sorted(run.data.tags["rule"] for run in runs) == ["bp", "dtp"]  # one child run per trial
+    for run in runs:
+        assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
+        got = sorted(c.get_metric_history(run.info.run_id, "valid_accuracy"), key=lambda m: m.step)
+        assert [m.step for m in got] == [1, 2, 3], run.data.tags["rule"]  # each epoch once
+        # ... with the values of the same trial trained straight through.
+        straight = train(load_spec(PARTLY).trial_config({"rule": run.data.tags["rule"], "seed": 0})).history
+        assert [m.value for m in got] == [h["valid_accuracy"] for h in straight], run.data.tags["rule"]
+    # The trial finished before the kill was not run again.
+    kept = next(run for run in runs if run.info.run_id == before.info.run_id)
+    assert [(m.step, m.timestamp, m.value) for m in c.get_metric_history(kept.info.run_id, "valid_accuracy")] == hist_before
+    assert kept.info.end_time == before.info.end_time
+    assert not _processes_with_env(marker)
