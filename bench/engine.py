@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tp_engine.backends.numpy_backend import NumpyBackend  # noqa: E402
 from tp_engine.config import TrialConfig  # noqa: E402
 from tp_engine.machine import describe  # noqa: E402
-from tp_engine.step import Engine  # noqa: E402
+from tp_engine.engine import Engine  # noqa: E402
 
 
 class RecordingBackend(NumpyBackend):

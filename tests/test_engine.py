@@ -16,7 +16,7 @@ from tp_engine.losses import LOSSES
 from tp_engine.model import TrainedModel
 from tp_engine.optimizers import DEFAULT_EPS, Optimizer
 from tp_engine.rules import RULES
-from tp_engine.step import Engine
+from tp_engine.engine import Engine
 from tp_engine.train import STATUS_COMPLETED, STATUS_DIVERGED, train
 
 B = NumpyBackend()

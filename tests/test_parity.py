@@ -35,8 +35,8 @@ import pytest
 from tp_engine.backends.numpy_backend import NumpyBackend
 from tp_engine.config import TrialConfig
 from tp_engine.model import TrainedModel
-from tp_engine.step import Engine
-from tp_engine.train import engine_state, load_engine_state, train
+from tp_engine.engine import Engine, engine_state, load_engine_state
+from tp_engine.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 NP = NumpyBackend()

@@ -19,7 +19,7 @@ import pytest
 from tp_engine.backends.numpy_backend import NumpyBackend
 from tp_engine.config import TrialConfig
 from tp_engine.rules import RULES
-from tp_engine.step import Engine
+from tp_engine.engine import Engine
 from tp_engine.train import train
 
 NP = NumpyBackend()

@@ -2,7 +2,7 @@
 
 Reduction: the reported loss is the mean over the batch of the per-example loss (summed over
 output units). ``grad`` is the per-example gradient d loss_i / d h_i; the gradient of the batch-mean
-loss is ``grad / batch``. How targets scale it is documented in ``tp_engine.step.Engine.targets``.
+loss is ``grad / batch``. How targets scale it is documented in ``tp_engine.engine.Engine.targets``.
 """
 from __future__ import annotations
 

@@ -52,32 +52,6 @@ def _targets(cfg: TrialConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -> 
     return np.eye(n_classes, dtype=np.float32)[y]
 
 
-def engine_state(engine) -> dict[str, np.ndarray]:
-    """Everything needed to continue training exactly: weights and optimizer slots."""
-    B = engine.B
-    st = {f"net/{k}": v for k, v in engine.net.state().items()}
-    for tag, opt in (("opt", engine.opt), ("inv_opt", engine.inv_opt)):
-        if opt is None:
-            continue
-        st[f"{tag}/t"] = np.array(B.to_numpy(opt.t))
-        for slot, vars_ in opt.slots.items():
-            for i, v in enumerate(vars_):
-                st[f"{tag}/{slot}/{i}"] = np.array(B.to_numpy(v))
-    return st
-
-
-def load_engine_state(engine, st: dict[str, np.ndarray]) -> None:
-    B = engine.B
-    engine.net.load_state({k[4:]: v for k, v in st.items() if k.startswith("net/")})
-    for tag, opt in (("opt", engine.opt), ("inv_opt", engine.inv_opt)):
-        if opt is None:
-            continue
-        B.assign(opt.t, B.asarray(st[f"{tag}/t"]))
-        for slot, vars_ in opt.slots.items():
-            for i, v in enumerate(vars_):
-                B.assign(v, B.asarray(st[f"{tag}/{slot}/{i}"]))
-
-
 def evaluate(engine, x: np.ndarray, y: np.ndarray, mode: str, loss: str, chunk: int = 5000) -> dict[str, float]:
     """Mean loss (and accuracy for classification) over a whole split."""
     from tp_engine.backends.numpy_backend import NumpyBackend
@@ -115,7 +89,7 @@ def train(
     """Train one model. ``resume`` (from ``TrainResult.checkpoint``) continues at ``start_epoch``."""
     from tp_engine.backends import get_backend
     from tp_engine.data import load_dataset
-    from tp_engine.step import Engine
+    from tp_engine.engine import Engine, engine_state, load_engine_state
 
     ds = data if data is not None else load_dataset(
         cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path

@@ -1,4 +1,5 @@
-"""One training step, shared by every rule and both backends.
+"""The engine: one training step, shared by every rule and both backends, and its state (weights
+and optimizer slots) to save and load.
 
 1. forward pass;
 2. top target from the loss gradient;
@@ -164,3 +165,31 @@ class Engine:
             out[f"inverse_loss/{l}"] = self.inverse_grads(fwd, l, e)[1]
         out["loss"] = B.mean(self.loss.value(B, fwd.hs[net.L], y))
         return out
+
+
+# -- state -----------------------------------------------------------------------------------
+def engine_state(engine: Engine) -> dict[str, np.ndarray]:
+    """Everything needed to continue training exactly: weights and optimizer slots."""
+    B = engine.B
+    st = {f"net/{k}": v for k, v in engine.net.state().items()}
+    for tag, opt in (("opt", engine.opt), ("inv_opt", engine.inv_opt)):
+        if opt is None:
+            continue
+        st[f"{tag}/t"] = np.array(B.to_numpy(opt.t))
+        for slot, vars_ in opt.slots.items():
+            for i, v in enumerate(vars_):
+                st[f"{tag}/{slot}/{i}"] = np.array(B.to_numpy(v))
+    return st
+
+
+def load_engine_state(engine: Engine, st: dict[str, np.ndarray]) -> None:
+    """Put back what :func:`engine_state` took (on either backend)."""
+    B = engine.B
+    engine.net.load_state({k[4:]: v for k, v in st.items() if k.startswith("net/")})
+    for tag, opt in (("opt", engine.opt), ("inv_opt", engine.inv_opt)):
+        if opt is None:
+            continue
+        B.assign(opt.t, B.asarray(st[f"{tag}/t"]))
+        for slot, vars_ in opt.slots.items():
+            for i, v in enumerate(vars_):
+                B.assign(v, B.asarray(st[f"{tag}/{slot}/{i}"]))
