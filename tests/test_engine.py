@@ -14,7 +14,7 @@ from tp_engine.config import OptimizerConfig, TrialConfig
 from tp_engine.data import load_dataset
 from tp_engine.losses import LOSSES
 from tp_engine.model import TrainedModel
-from tp_engine.optimizers import DEFAULT_EPS, Optimizer
+from tp_engine.optimizers import DEFAULT_EPS, Optimizer, array_step
 from tp_engine.rules import RULES
 from tp_engine.engine import Engine
 from tp_engine.train import STATUS_COMPLETED, STATUS_DIVERGED, train
@@ -537,7 +537,10 @@ def test_on_epoch_checkpoints_are_snapshots(xor):
 
 # -- optimizers ---------------------------------------------------------------------------------
 def reference_updates(name, p, grads, lr, momentum=0.0, rho=0.95, eps=None, beta1=0.9, beta2=0.999):
-    """Keras semantics, written out in float64."""
+    """Keras semantics, written out in float64: the independent oracle every update path is
+    compared against (the fused NumPy kernels, and the array expressions of the optimizer table;
+    tests/test_parity.py compares TensorFlow's fused ops with the kernels). It shares no code with
+    tp_engine.optimizers, and momentum is written Keras's way (velocity) rather than TensorFlow's."""
     eps = DEFAULT_EPS[name] if eps is None else eps
     p = p.astype(np.float64).copy()
     ms = np.zeros_like(p)
@@ -568,9 +571,9 @@ def reference_updates(name, p, grads, lr, momentum=0.0, rho=0.95, eps=None, beta
 
 
 class ArrayExprBackend(NumpyBackend):
-    """The NumPy backend without its fused kernels: Optimizer.apply falls back to apply_reference."""
+    """The NumPy backend without its fused kernels: every optimizer runs the table's array_step."""
 
-    optimizer_step = None
+    optimizer_step = array_step
 
 
 # Both update paths: the fused NumPy kernels (what training uses) and the array expressions.

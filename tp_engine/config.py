@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tp_engine.data import DATASETS  # the dataset registry (no NumPy)
+from tp_engine.optimizers import OPTIMIZERS  # the optimizer table (no NumPy)
 from tp_engine.rules import RULES as _RULES  # noqa: E402  (the registry: no heavy imports)
 
 RULES: tuple[str, ...] = tuple(_RULES)
@@ -23,6 +24,7 @@ Rule = Literal[RULES]  # type: ignore[valid-type]
 Activation = Literal["tanh", "sigmoid", "relu", "leaky_relu", "linear"]
 Loss = Literal["softmax_ce", "sigmoid_ce", "sigmoid_l2", "l2"]
 DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
 
 
 class OptimizerConfig(BaseModel):
@@ -30,7 +32,7 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["sgd", "rmsprop", "rmsprop_centered", "adam"] = "rmsprop_centered"
+    name: OptimizerName = "rmsprop_centered"
     lr: float = Field(0.001, gt=0, le=10)
     # rmsprop / rmsprop_centered: decay of the running averages; Lee et al. used 0.95.
     rho: float = Field(0.95, gt=0, lt=1)

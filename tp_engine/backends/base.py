@@ -54,3 +54,13 @@ class Backend(Protocol):
         ...
 
     def compile(self, fn: Callable) -> Callable: ...
+
+    # -- optimizers ---------------------------------------------------------------------------
+    def optimizer_step(self, name: str, p: Array, g: Array, slots: dict[str, Array], hp: dict[str, Any],
+                       t: Array) -> None:
+        """One step of optimizer ``name`` (``tp_engine.optimizers.OPTIMIZERS``) on variable ``p``
+        from its gradient ``g``, in place: ``slots`` are p's state variables (the table's slot
+        names), ``hp`` the OptimizerConfig as a dict with ``eps`` resolved, ``t`` the step count,
+        already incremented. A backend fuses the update where it can (NumPy: numba kernels;
+        TensorFlow: its raw training ops) and otherwise runs ``tp_engine.optimizers.array_step``."""
+        ...

@@ -89,7 +89,10 @@ class NumpyBackend:
     def optimizer_step(self, name, p, g, slots, hp, t):
         from tp_engine.backends.numpy_kernels import optimizer_step
 
-        optimizer_step(name, p, g, slots, hp, float(t))
+        if not optimizer_step(name, p, g, slots, hp, float(t)):  # no fused kernel for it
+            from tp_engine.optimizers import array_step
+
+            array_step(self, name, p, g, slots, hp, t)
 
     def local_grads(self, loss_fn, params, manual):
         return list(manual())

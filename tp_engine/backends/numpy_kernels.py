@@ -2,7 +2,8 @@
 
 A step of centered RMSprop written as array expressions makes ~12 passes over every parameter; at
 Lee's network that cost as much as the step's matrix products. Each kernel here makes one pass.
-They compute exactly the formulas of ``tp_engine.optimizers`` (tests check it)."""
+They compute exactly the formulas of ``tp_engine.optimizers`` (tests check them against the
+float64 oracle in tests/test_engine.py, and against TensorFlow's fused ops)."""
 from __future__ import annotations
 
 import math
@@ -56,35 +57,48 @@ def adam(p, g, m, v, lr_t, beta1, beta2, eps, scale):
 
 
 _EMPTY = np.zeros(1, np.float32)
+f32 = np.float32
 
 
-def optimizer_step(name: str, p: np.ndarray, g: np.ndarray, slots: dict, hp: dict, t: float) -> None:
-    """Update p in place. ``slots`` holds this parameter's state arrays (same shape as p)."""
-    flat = lambda a: a.reshape(-1)  # noqa: E731  (views: the arrays are contiguous)
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1)  # a view: the arrays are contiguous
+
+
+def _sgd(p, g, s, hp, t, scale):
+    sgd(_flat(p), _flat(g), _flat(s["mom"]), f32(hp["lr"]), f32(hp["momentum"]), f32(scale))
+
+
+def _rmsprop(p, g, s, hp, t, scale):
+    rmsprop(_flat(p), _flat(g), _flat(s["ms"]), _EMPTY, _flat(s["mom"]), f32(hp["lr"]), f32(hp["rho"]),
+            f32(hp["momentum"]), f32(hp["eps"]), False, f32(scale))
+
+
+def _rmsprop_centered(p, g, s, hp, t, scale):
+    rmsprop_centered_momentum(_flat(p), _flat(g), _flat(s["ms"]), _flat(s["mg"]), _flat(s["mom"]),
+                              f32(hp["lr"]), f32(hp["rho"]), f32(hp["momentum"]), f32(hp["eps"]), f32(scale))
+
+
+def _adam(p, g, s, hp, t, scale):
+    lr_t = hp["lr"] * math.sqrt(1.0 - hp["beta2"] ** t) / (1.0 - hp["beta1"] ** t)
+    adam(_flat(p), _flat(g), _flat(s["m"]), _flat(s["v"]), f32(lr_t), f32(hp["beta1"]),
+         f32(hp["beta2"]), f32(hp["eps"]), f32(scale))
+
+
+# optimizer name (tp_engine.optimizers.OPTIMIZERS) -> its fused step(p, g, slots, hp, t, scale);
+# the slots are the ones the table declares.
+FUSED = {"sgd": _sgd, "rmsprop": _rmsprop, "rmsprop_centered": _rmsprop_centered, "adam": _adam}
+
+
+def optimizer_step(name: str, p: np.ndarray, g: np.ndarray, slots: dict, hp: dict, t: float) -> bool:
+    """Update p in place with the fused kernel of ``name``; False when there is none. ``slots``
+    holds this parameter's state arrays (same shape as p)."""
+    step = FUSED.get(name)
+    if step is None:
+        return False
     g = np.ascontiguousarray(g, dtype=np.float32)
     scale = 1.0
     if hp["clip_norm"] is not None:
-        norm = float(np.sqrt(np.dot(flat(g), flat(g))))
+        norm = float(np.sqrt(np.dot(_flat(g), _flat(g))))
         scale = min(1.0, hp["clip_norm"] / (norm + 1e-12))
-    f32 = np.float32
-    mom = flat(slots["mom"]) if "mom" in slots else _EMPTY
-    if name == "sgd":
-        sgd(flat(p), flat(g), mom, f32(hp["lr"]), f32(hp["momentum"]), f32(scale))
-    elif name == "rmsprop_centered" and "mom" in slots:
-        rmsprop_centered_momentum(
-            flat(p), flat(g), flat(slots["ms"]), flat(slots["mg"]), mom, f32(hp["lr"]), f32(hp["rho"]),
-            f32(hp["momentum"]), f32(hp["eps"]), f32(scale),
-        )
-    elif name in ("rmsprop", "rmsprop_centered"):
-        centered = name == "rmsprop_centered"
-        rmsprop(
-            flat(p), flat(g), flat(slots["ms"]), flat(slots["mg"]) if centered else _EMPTY, mom,
-            f32(hp["lr"]), f32(hp["rho"]), f32(hp["momentum"] if "mom" in slots else 0.0),
-            f32(hp["eps"]), centered, f32(scale),
-        )
-    elif name == "adam":
-        lr_t = hp["lr"] * math.sqrt(1.0 - hp["beta2"] ** t) / (1.0 - hp["beta1"] ** t)
-        adam(flat(p), flat(g), flat(slots["m"]), flat(slots["v"]), f32(lr_t), f32(hp["beta1"]),
-             f32(hp["beta2"]), f32(hp["eps"]), f32(scale))
-    else:
-        raise ValueError(f"unknown optimizer {name!r}")
+    step(p, g, slots, hp, t, scale)
+    return True

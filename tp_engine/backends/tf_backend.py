@@ -157,35 +157,17 @@ class TensorflowBackend:
         return tape.gradient(loss, params)
 
     def optimizer_step(self, name, p, g, slots, hp, t):
-        """TensorFlow's fused training ops; they compute tp_engine.optimizers' formulas."""
-        tf, raw = self.tf, self.tf.raw_ops
+        """TensorFlow's fused training ops, which compute tp_engine.optimizers' formulas; the
+        table's array expressions for an optimizer they lack."""
+        fused = _FUSED.get(name)
+        if fused is None:
+            from tp_engine.optimizers import array_step
+
+            return array_step(self, name, p, g, slots, hp, t)
+        tf = self.tf
         if hp["clip_norm"] is not None:
             g = tf.clip_by_norm(g, hp["clip_norm"])
-        lr = tf.constant(hp["lr"], tf.float32)
-        if name == "sgd":
-            # accum = m*accum + g; var -= lr*accum
-            raw.ResourceApplyMomentum(var=p.handle, accum=slots["mom"].handle, lr=lr, grad=g,
-                                      momentum=tf.constant(hp["momentum"], tf.float32))
-        elif name in ("rmsprop", "rmsprop_centered"):
-            args = dict(var=p.handle, ms=slots["ms"].handle, mom=slots["mom"].handle, lr=lr,
-                        rho=tf.constant(hp["rho"], tf.float32),
-                        momentum=tf.constant(hp["momentum"], tf.float32),
-                        epsilon=tf.constant(hp["eps"], tf.float32), grad=g)
-            if name == "rmsprop_centered":
-                raw.ResourceApplyCenteredRMSProp(mg=slots["mg"].handle, **args)
-            else:
-                raw.ResourceApplyRMSProp(**args)
-        elif name == "adam":
-            raw.ResourceApplyAdam(
-                var=p.handle, m=slots["m"].handle, v=slots["v"].handle,
-                beta1_power=tf.pow(tf.constant(hp["beta1"], tf.float32), t),
-                beta2_power=tf.pow(tf.constant(hp["beta2"], tf.float32), t),
-                lr=lr, beta1=tf.constant(hp["beta1"], tf.float32),
-                beta2=tf.constant(hp["beta2"], tf.float32),
-                epsilon=tf.constant(hp["eps"], tf.float32), grad=g,
-            )
-        else:
-            raise ValueError(f"unknown optimizer {name!r}")
+        fused(tf, p, g, slots, hp, t)
 
     def compile(self, fn):
         compiled = self.tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
@@ -197,3 +179,39 @@ class TensorflowBackend:
                 return compiled(*args)
 
         return run
+
+
+# -- fused updates: optimizer name (tp_engine.optimizers.OPTIMIZERS) -> raw training op -----------
+def _c(tf, x):
+    return tf.constant(x, tf.float32)
+
+
+def _sgd(tf, p, g, s, hp, t):
+    # accum = m*accum + g; var -= lr*accum
+    tf.raw_ops.ResourceApplyMomentum(var=p.handle, accum=s["mom"].handle, lr=_c(tf, hp["lr"]), grad=g,
+                                     momentum=_c(tf, hp["momentum"]))
+
+
+def _rmsprop_args(tf, p, g, s, hp):
+    return dict(var=p.handle, ms=s["ms"].handle, mom=s["mom"].handle, lr=_c(tf, hp["lr"]), rho=_c(tf, hp["rho"]),
+                momentum=_c(tf, hp["momentum"]), epsilon=_c(tf, hp["eps"]), grad=g)
+
+
+def _rmsprop(tf, p, g, s, hp, t):
+    tf.raw_ops.ResourceApplyRMSProp(**_rmsprop_args(tf, p, g, s, hp))
+
+
+def _rmsprop_centered(tf, p, g, s, hp, t):
+    tf.raw_ops.ResourceApplyCenteredRMSProp(mg=s["mg"].handle, **_rmsprop_args(tf, p, g, s, hp))
+
+
+def _adam(tf, p, g, s, hp, t):
+    tf.raw_ops.ResourceApplyAdam(
+        var=p.handle, m=s["m"].handle, v=s["v"].handle,
+        beta1_power=tf.pow(_c(tf, hp["beta1"]), t), beta2_power=tf.pow(_c(tf, hp["beta2"]), t),
+        lr=_c(tf, hp["lr"]), beta1=_c(tf, hp["beta1"]), beta2=_c(tf, hp["beta2"]), epsilon=_c(tf, hp["eps"]),
+        grad=g,
+    )
+
+
+_FUSED = {"sgd": _sgd, "rmsprop": _rmsprop, "rmsprop_centered": _rmsprop_centered, "adam": _adam}
