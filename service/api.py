@@ -62,6 +62,7 @@ INT32 = (-(2**31), 2**31 - 1)  # the queue's priority column
 # to come back instead of hanging while the database restarts.
 DB_WAIT_S = 5.0
 RETRY_AFTER_S = 5
+WARM_CONNECTIONS = 8  # the queue's connection pool is filled this far at start
 
 
 class _Unprocessable(Exception):
@@ -254,12 +255,15 @@ def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
 
 
 def _warm_up(queue: SweepQueue, views: ViewBuilder) -> None:
-    """What the first requests would otherwise pay for (building the spec reader, first-use paths
-    of the spec's validators, compiling the list query): a first burst of submissions started at
-    several times the steady latency."""
+    """What the first requests would otherwise pay for, paid at start: the spec reader and the
+    first use of the spec's validators, the list query and the trial counts of the sweeps a first
+    list shows (a spec parse each), and WARM_CONNECTIONS database connections (a first burst of 8
+    requests on PostgreSQL spent 200-300 ms each opening one)."""
     try:
         spec_from_text("name: warm-up\nbase: {dataset: spiral}\n").n_trials()
-        SweepList(sweeps=[views.view(r) for r in queue.list(limit=1)]).model_dump_json()
+        for state in (None, SweepState.QUEUED):
+            SweepList(sweeps=[views.view(r) for r in queue.list(state, limit=100)]).model_dump_json()
+        queue.open_connections(WARM_CONNECTIONS)
     except Exception as e:  # noqa: BLE001 - a failed warm-up costs speed, never the start
         log.warning("warm-up failed: %s", e)
 

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.queue import SweepRecord
+from service.queue import TERMINAL, SweepRecord, SweepState
 
-SweepStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+SweepStateName = Literal[tuple(s.value for s in SweepState)]  # type: ignore[valid-type]
 
 
 class SweepView(BaseModel):
@@ -48,7 +48,7 @@ class SweepView(BaseModel):
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
+        return SweepState(self.state) in TERMINAL
 
 
 class SweepList(BaseModel):
@@ -144,6 +144,9 @@ class ViewBuilder:
         self.sweeps_dir = Path(sweeps_dir)
         self.tracking_uri = tracking_uri
         self._final: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
+        # Trials per sweep id (a stored spec never changes): a list of 100 sweeps would otherwise
+        # parse 100 specs the first time it is asked for.
+        self._n_trials: dict[str, int | None] = {}
 
     def _files(self, rec: SweepRecord) -> tuple[dict[str, Any] | None, str | None]:
         """(result, tracking uri the job used)."""
@@ -162,6 +165,16 @@ class ViewBuilder:
             self._final[rec.id] = (result, uri)
         return result, uri
 
+    def n_trials(self, rec: SweepRecord, known: int | None = None) -> int | None:
+        if known is None:
+            if rec.id in self._n_trials:
+                return self._n_trials[rec.id]
+            known = n_trials_of(rec.spec_yaml)
+        if len(self._n_trials) > 100_000:
+            self._n_trials.clear()
+        self._n_trials[rec.id] = known
+        return known
+
     def view(self, rec: SweepRecord, n_trials: int | None = None) -> SweepView:
         """``n_trials``: when the caller has the validated spec at hand (saves parsing it again)."""
         result, uri = self._files(rec)
@@ -176,7 +189,7 @@ class ViewBuilder:
             attempts=rec.attempts,
             cancel_requested=rec.cancel_requested,
             progress=rec.progress,
-            n_trials=n_trials if n_trials is not None else n_trials_of(rec.spec_yaml),
+            n_trials=self.n_trials(rec, n_trials),
             mlflow_tracking_uri=uri or self.tracking_uri,
             mlflow_experiment_id=rec.mlflow_experiment_id,
             mlflow_parent_run_id=rec.mlflow_parent_run_id,
