@@ -168,7 +168,34 @@ ray_common_args() {
     if [[ -n "${RAY_TEMP_DIR:-}" ]]; then
         RAY_ARGS+=("--temp-dir=${RAY_TEMP_DIR}")
     fi
+    # `ray start`, or the same CLI through RAY_CLI when a loopback node address or
+    # RAY_CLIENT_SERVER_PORT=off asks for what the plain CLI cannot do.
+    RAY_START=(ray start)
+    if is_loopback "${RAY_NODE_IP_ADDRESS:-}" || [[ "${RAY_CLIENT_SERVER_PORT:-}" == off ]]; then
+        RAY_START=(python -c "${RAY_CLI}" start)
+    fi
 }
+
+# The `ray` CLI, with two changes:
+# - 127.0.0.1 and localhost in --address and --node-ip-address stay as given. Ray replaces them
+#   with this machine's network address (ray-project/ray#59110), where a loopback head does not
+#   listen, and the switch the head uses for that (below) refuses a second node.
+# - RAY_CLIENT_SERVER_PORT=off: no Ray Client server. It is not used here, and it gives up after
+#   30 s without its node's info on a loaded machine, which takes the whole head down.
+RAY_CLI='
+import os
+import sys
+
+from ray._private import services
+from ray.scripts import scripts
+
+_resolve = services.resolve_ip_for_localhost
+services.resolve_ip_for_localhost = lambda host: "127.0.0.1" if host in ("127.0.0.1", "localhost") else _resolve(host)
+if os.environ.get("RAY_CLIENT_SERVER_PORT") == "off":
+    scripts.get_ray_client_dependency_error = lambda: ImportError("RAY_CLIENT_SERVER_PORT=off")
+sys.argv[0] = "ray"
+sys.exit(scripts.main())
+'
 
 run_ray_head() {
     require_ray_token
@@ -183,10 +210,10 @@ run_ray_head() {
         # drivers it starts included, inherit this, so they keep to 127.0.0.1 too.
         export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
     fi
-    if [[ -n "${RAY_CLIENT_SERVER_PORT:-}" ]]; then
+    if [[ -n "${RAY_CLIENT_SERVER_PORT:-}" && "${RAY_CLIENT_SERVER_PORT}" != off ]]; then
         RAY_ARGS+=("--ray-client-server-port=${RAY_CLIENT_SERVER_PORT}")
     fi
-    local cmd=(ray start --head --block
+    local cmd=("${RAY_START[@]}" --head --block
         "--port=${RAY_GCS_PORT}"
         --include-dashboard=true
         "--dashboard-host=${RAY_DASHBOARD_HOST}"
@@ -207,13 +234,7 @@ run_ray_worker() {
     [[ -n "${RAY_HEAD_ADDRESS:-}" ]] || die "ray-worker needs RAY_HEAD_ADDRESS (HOST:GCS_PORT of the head)"
     mkdir -p "${SWEEP_DATA_DIR}"
     ray_common_args
-    local cmd=(ray start --block "--address=${RAY_HEAD_ADDRESS}")
-    if is_loopback "${RAY_NODE_IP_ADDRESS:-}"; then
-        # `ray start` swaps 127.0.0.1 in --address and --node-ip-address for the interface
-        # address (ray-project/ray#59110), and the Windows/macOS switch the head uses refuses a
-        # second node. So run the same CLI with loopback addresses kept as given.
-        cmd=(python -c "${RAY_KEEP_LOOPBACK}" start --block "--address=${RAY_HEAD_ADDRESS}")
-    fi
+    local cmd=("${RAY_START[@]}" --block "--address=${RAY_HEAD_ADDRESS}")
     if [[ -n "${RAY_WORKER_NUM_CPUS:-}" ]]; then
         cmd+=("--num-cpus=${RAY_WORKER_NUM_CPUS}")
     fi
@@ -222,19 +243,6 @@ run_ray_worker() {
     fi
     exec "${cmd[@]}" "${RAY_ARGS[@]}" "$@"
 }
-
-# `ray` (the CLI) with 127.0.0.1 and localhost kept as they are instead of being resolved to
-# this machine's interface address.
-RAY_KEEP_LOOPBACK='
-import sys
-from ray._private import services
-from ray.scripts.scripts import main
-
-_resolve = services.resolve_ip_for_localhost
-services.resolve_ip_for_localhost = lambda host: "127.0.0.1" if host in ("127.0.0.1", "localhost") else _resolve(host)
-sys.argv[0] = "ray"
-sys.exit(main())
-'
 
 run_service() {
     require_ray_token
