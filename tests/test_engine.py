@@ -378,7 +378,11 @@ def test_ls_rules_top_layer_follows_backprop(classify_runs, rule):
     res = classify_runs(rule)
     L = len(CLASSIFY[rule]["hidden"]) + 1
     assert all(h[f"angle_bp/{L}"] < 1.0 for h in res.history)
-    assert all(0.0 <= h[f"angle_bp/{l}"] <= 180.0 for h in res.history for l in range(1, L + 1))
+    # Layer L-1 gets the first target, h - alpha dloss/dh, pulled through the exact inverse of a
+    # tanh: close to backprop's direction (measured at most 5.4 degrees), unlike layer 1, whose
+    # targets went through every inverse below (measured 39-133 degrees).
+    assert all(h[f"angle_bp/{L - 1}"] < 10.0 for h in res.history)
+    assert any(h["angle_bp/1"] > 20.0 for h in res.history)
 
 
 def test_dtp_reports_inverse_loss_per_inverse_layer(classify_runs):
