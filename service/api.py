@@ -257,13 +257,13 @@ def _parse_spec(body: bytes, media_type: str) -> tuple[SweepSpec, str]:
 def _warm_up(queue: SweepQueue, views: ViewBuilder) -> None:
     """What the first requests would otherwise pay for, paid at start: the spec reader and the
     first use of the spec's validators, the list query and the trial counts of the sweeps a first
-    list shows (a spec parse each), and WARM_CONNECTIONS database connections (a first burst of 8
-    requests on PostgreSQL spent 200-300 ms each opening one)."""
+    list shows (a spec parse each), WARM_CONNECTIONS database connections and the INSERT's compilation
+    (a first burst of 8 submissions on PostgreSQL took 200-300 ms each)."""
     try:
         spec_from_text("name: warm-up\nbase: {dataset: spiral}\n").n_trials()
         for state in (None, SweepState.QUEUED):
             SweepList(sweeps=[views.view(r) for r in queue.list(state, limit=100)]).model_dump_json()
-        queue.open_connections(WARM_CONNECTIONS)
+        queue.warm_up(WARM_CONNECTIONS)
     except Exception as e:  # noqa: BLE001 - a failed warm-up costs speed, never the start
         log.warning("warm-up failed: %s", e)
 

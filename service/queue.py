@@ -268,12 +268,21 @@ class SweepQueue:
             if mutex is not None:
                 mutex.release()
 
-    def open_connections(self, n: int) -> None:
-        """Open up to ``n`` pooled connections now (they stay in the pool), so a first burst of
-        requests does not wait for new ones."""
+    def warm_up(self, connections: int) -> None:
+        """Pay now what a first burst of requests would: open up to ``connections`` pooled
+        connections (they stay in the pool) and compile the submission's INSERT (an insert rolled
+        back: nothing is written)."""
         with contextlib.ExitStack() as stack:
-            for _ in range(min(n, POOL_SIZE)):
+            for _ in range(min(connections, POOL_SIZE)):
                 stack.enter_context(self._engine.connect()).exec_driver_sql("SELECT 1")
+        with self._writer.connect() as conn:
+            trans = conn.begin()
+            try:
+                conn.execute(_INSERT, dict(id="sw-warm-up", name="warm-up", spec_yaml="", priority=0,
+                                           state=SweepState.QUEUED.value, created_at=_utcnow(),
+                                           cancel_requested=False, attempts=0, progress={}, resume_of=None)).one()
+            finally:
+                trans.rollback()
 
     def close(self) -> None:
         self._engine.dispose()
