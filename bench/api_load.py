@@ -141,6 +141,18 @@ def fresh_database(db_url: str | None, data: Path):
         admin.dispose()
 
 
+def _commit() -> str | None:
+    """The code measured: git HEAD, marked dirty when service/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "service"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def dry_run_seconds() -> float:
     """Wall time of ``python -m service.submit configs/sweep.yaml --dry-run`` (a fresh process)."""
     env = {k: v for k, v in os.environ.items() if k not in ("SWEEP_SERVICE_URL", "RAY_ADDRESS")}
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "server": "thread" if args.in_process else "child process",
         "goal_p99_ms": GOAL_P99_MS,
         "meets_goal": submit_ms["p99"] < GOAL_P99_MS and (list_ms is None or list_ms["p99"] < GOAL_P99_MS),
+        "commit": _commit(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in load_end], "nice": os.nice(0)},
