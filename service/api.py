@@ -262,7 +262,7 @@ def _warm_up(queue: SweepQueue, views: ViewBuilder) -> None:
     try:
         spec_from_text("name: warm-up\nbase: {dataset: spiral}\n").n_trials()
         for state in (None, SweepState.QUEUED):
-            SweepList(sweeps=[views.view(r) for r in queue.list(state, limit=100)]).model_dump_json()
+            SweepList(sweeps=views.views(queue.list(state, limit=100))).model_dump_json()
         queue.warm_up(WARM_CONNECTIONS)
     except Exception as e:  # noqa: BLE001 - a failed warm-up costs speed, never the start
         log.warning("warm-up failed: %s", e)
@@ -434,7 +434,7 @@ def create_app(
     ) -> SweepList:
         """Sweeps, newest first (with state=queued: in dispatch order)."""
         recs = _queue(request).list(state, limit=limit)
-        return _json(SweepList(sweeps=[_view(request, r) for r in recs]))
+        return _json(SweepList(sweeps=request.app.state.views.views(recs)))
 
     @route("GET", "/sweeps/{sweep_id}", response_model=SweepView, responses=R404, operation_id="get_sweep")
     def get_sweep(request: Request, sweep_id: str) -> SweepView:

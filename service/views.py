@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from service.queue import TERMINAL, SweepRecord, SweepState
 
@@ -175,10 +175,9 @@ class ViewBuilder:
         self._n_trials[rec.id] = known
         return known
 
-    def view(self, rec: SweepRecord, n_trials: int | None = None) -> SweepView:
-        """``n_trials``: when the caller has the validated spec at hand (saves parsing it again)."""
+    def _data(self, rec: SweepRecord, n_trials: int | None = None) -> dict[str, Any]:
         result, uri = self._files(rec)
-        return SweepView(
+        return dict(
             id=rec.id,
             name=rec.name,
             state=rec.state.value,
@@ -196,6 +195,18 @@ class ViewBuilder:
             error=rec.error,
             result=result,
         )
+
+    def view(self, rec: SweepRecord, n_trials: int | None = None) -> SweepView:
+        """``n_trials``: when the caller has the validated spec at hand (saves parsing it again)."""
+        return SweepView.model_validate(self._data(rec, n_trials))
+
+    def views(self, recs: list[SweepRecord]) -> list[SweepView]:
+        """Many views in one validation (pydantic-core loops in Rust: 3x faster than one model
+        at a time, most of a 100-sweep list's time)."""
+        return _VIEW_LIST.validate_python([self._data(r) for r in recs])
+
+
+_VIEW_LIST = TypeAdapter(list[SweepView])
 
 
 def mlflow_ui_hint(view: SweepView) -> str | None:
