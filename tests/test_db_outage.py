@@ -220,6 +220,7 @@ def own_postgres():
         yield script("url"), stop, lambda: script("start")
     finally:
         subprocess.run(["bash", str(PG_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+        Path(f"/tmp/tp_sweep_pg-{port}.lock").unlink(missing_ok=True)  # the script's per-port lock file
 
 
 def test_postgresql_restart_mid_sweep(tmp_path, own_postgres, service):
