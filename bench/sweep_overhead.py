@@ -102,6 +102,7 @@ def run_tune(spec, workdir: Path) -> dict:
     import mlflow
     import ray
 
+    from worker import tracking
     from worker.sweep import run_sweep
 
     uri = f"sqlite:///{workdir}/mlflow.db"
@@ -119,7 +120,7 @@ def run_tune(spec, workdir: Path) -> dict:
         wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{result.parent_run_id}'",
                          max_results=1000)
     train_s, run_s, setup_s, per_epoch_s, finalize_s = [], [], [], [], []
     for r in runs:

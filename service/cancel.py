@@ -13,14 +13,15 @@ import argparse
 import sys
 
 from service.client import ServiceError, open_sweeps
+from worker.lifecycle import SweepState
 
 
 def describe(v) -> str:
-    if v.state == "cancelled":
+    if v.state == SweepState.CANCELLED:
         return f"{v.id}: cancelled"
-    if v.state == "running" and v.cancel_requested:
+    if v.state == SweepState.RUNNING and v.cancel_requested:
         return f"{v.id}: cancel requested; the dispatcher is stopping its Ray job (see: python -m service.status {v.id})"
-    if v.state == "queued" and v.cancel_requested:
+    if v.state == SweepState.QUEUED and v.cancel_requested:
         return f"{v.id}: cancel requested"
     return f"{v.id}: already {v.state}; nothing to cancel"
 

@@ -20,9 +20,11 @@ from rich.table import Table
 
 from service.client import ServiceError, SweepClient, open_sweeps
 from service.views import SweepView, mlflow_ui_hint
+from tp_engine.status import TrialStatus
+from worker.lifecycle import SweepState
 
-STATE_STYLE = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red",
-               "cancelled": "magenta"}
+STATE_STYLE = {SweepState.QUEUED: "cyan", SweepState.RUNNING: "yellow", SweepState.SUCCEEDED: "green",
+               SweepState.FAILED: "red", SweepState.CANCELLED: "magenta"}
 
 
 def age(ts: datetime | None, now: datetime | None = None) -> str:
@@ -78,7 +80,7 @@ def _num(v, digits: int) -> str:
 def trials_text(row: dict) -> str:
     """'6', or '6 (2 diverged)' when not every trial completed."""
     counts = dict(part.split(":", 1) for part in (row.get("statuses") or "").split() if ":" in part)
-    other = [f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if status != "completed"]
+    other = [f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if status != TrialStatus.COMPLETED]
     return str(row.get("trials", "?")) + (f" ({', '.join(other)})" if other else "")
 
 
@@ -124,7 +126,7 @@ def sweeps_table(views: list[SweepView]) -> Table:
     for col in ("id", "name", "state", "progress", "best per rule", "age"):
         t.add_column(col, no_wrap=col in ("id", "state", "age"), overflow="fold")
     for v in views:
-        state = v.state + (" (cancelling)" if v.cancel_requested and v.state == "running" else "")
+        state = v.state + (" (cancelling)" if v.cancel_requested and v.state == SweepState.RUNNING else "")
         t.add_row(v.id, v.name, f"[{STATE_STYLE.get(v.state, '')}]{state}[/]", progress_text(v),
                   best_text(v), age(v.created_at))
     return t
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("id", nargs="?", help="a sweep id; without it, recent sweeps")
     p.add_argument("--json", action="store_true", help="print JSON (SweepView, or {\"sweeps\": [...]})")
     p.add_argument("--service", metavar="URL", help="the API (default $SWEEP_SERVICE_URL; else the local queue)")
-    p.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.add_argument("--state", choices=[s.value for s in SweepState])
     p.add_argument("--limit", type=int, default=20, help="sweeps to list (default 20)")
     args = p.parse_args(argv)
     if args.limit < 1:

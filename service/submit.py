@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker.lifecycle import RunOutcome, SweepState
+
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -156,7 +158,7 @@ def submit_remote(url: str, spec_text: str | None, args) -> int:
                           "experiment_id": view.mlflow_experiment_id, "parent_run_id": view.mlflow_parent_run_id,
                           "tracking_uri": view.mlflow_tracking_uri, "trial_status": result.get("trial_status"),
                           "table": result.get("table", [])}, default=str))
-    return EXIT_OK if view.state == "succeeded" else EXIT_FAIL
+    return EXIT_OK if view.state == SweepState.SUCCEEDED else EXIT_FAIL
 
 
 def _follow(client, view, console, poll_s: float = 2.0):
@@ -190,11 +192,11 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
             except ServiceError:
                 _err(f"no sweep {args.resume} in {st.db_url}")
                 return EXIT_INPUT
-            if view.state == "failed":
+            if view.state == SweepState.FAILED:
                 # Retrying a failed sweep keeps its finished trials; Tune reruns the rest from checkpoints.
                 console.print(f"[yellow]retrying failed sweep {view.id}[/] (it failed with: {view.error})")
                 view = sweeps.retry(view.id)
-            if view.state != "queued":
+            if view.state != SweepState.QUEUED:
                 _err(f"sweep {view.id} is {view.state}; only an interrupted (queued) or failed sweep "
                      "can be resumed")
                 return EXIT_INPUT
@@ -203,7 +205,7 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
             spec_text = sweeps.spec(view.id)
             spec = load_spec(spec_text)
         else:
-            for old in sweeps.list("queued"):
+            for old in sweeps.list(SweepState.QUEUED.value):
                 if old.attempts > 0:
                     console.print(f"[yellow]note:[/] sweep {old.id} ({old.name}) was interrupted; "
                                   f"resume it with: python -m service.submit --resume {old.id}")
@@ -220,13 +222,12 @@ def submit_embedded(spec, spec_text: str | None, args) -> int:
             console.print(f"running in the background; log: {shown_path(log)}; follow with: "
                           f"python -m service.status {view.id}")
             if args.json:
-                print(json.dumps({"sweep_id": view.id, "state": "queued", "experiment_name": spec.name}))
+                print(json.dumps({"sweep_id": view.id, "state": SweepState.QUEUED.value, "experiment_name": spec.name}))
             return EXIT_OK
         return run_embedded(sweeps.queue, view.id, spec, st, args, console)
 
 
 def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
-    from service.queue import SweepState
     from worker.lifecycle import INTERRUPTED, SweepFolder, SweepRun, crashed
 
     queue.mark(sweep_id, SweepState.RUNNING)
@@ -255,7 +256,7 @@ def run_embedded(queue, sweep_id: str, spec, st, args, console) -> int:
         raise
     out = run.finish(res)
     queue.mark(sweep_id, SweepState(out.queue_state), error=out.error)
-    if res.state == "interrupted":
+    if res.state == RunOutcome.INTERRUPTED:
         console.print(f"[yellow]interrupted[/] ({res.trial_status}). "
                       f"Resume with: python -m service.submit --resume {sweep_id}")
     else:

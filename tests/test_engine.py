@@ -17,7 +17,8 @@ from tp_engine.model import TrainedModel
 from tp_engine.optimizers import DEFAULT_EPS, Optimizer, array_step
 from tp_engine.rules import RULES
 from tp_engine.engine import Engine
-from tp_engine.train import STATUS_COMPLETED, STATUS_DIVERGED, train
+from tp_engine.status import TrialStatus
+from tp_engine.train import train
 
 B = NumpyBackend()
 F32 = np.float32
@@ -342,13 +343,13 @@ def classify_runs(xor):
 @pytest.mark.parametrize("rule", list(CLASSIFY))
 def test_rule_beats_chance_classification(classify_runs, rule):
     res = classify_runs(rule)
-    assert res.status == STATUS_COMPLETED
+    assert res.status == TrialStatus.COMPLETED
     assert len(res.history) == COMMON["epochs"]
     last = res.history[-1]
     assert last["valid_accuracy"] >= 0.8, [h["valid_accuracy"] for h in res.history]
     assert last["test_accuracy"] >= 0.8
     assert res.summary["valid_accuracy"] == last["valid_accuracy"]
-    assert res.summary["status"] == STATUS_COMPLETED and res.summary["rule"] == rule
+    assert res.summary["status"] == TrialStatus.COMPLETED and res.summary["rule"] == rule
     # The training loss goes down.
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] or res.history[0]["train_accuracy"] > 0.9
 
@@ -465,7 +466,7 @@ def test_inverse_grads_match_finite_differences():
 def test_rule_learns_autoencoder(sphere, rule):
     cfg = TrialConfig(rule=rule, dataset="sphere", mode="autoencoder", loss="l2", **COMMON, **CLASSIFY[rule])
     res = train(cfg, data=sphere)
-    assert res.status == STATUS_COMPLETED
+    assert res.status == TrialStatus.COMPLETED
     baseline = 0.5 * float(np.mean(np.sum((sphere.x_valid - sphere.x_train.mean(axis=0)) ** 2, axis=1)))
     ratio = res.history[-1]["valid_loss"] / baseline
     assert ratio < 0.25, (ratio, [h["valid_loss"] / baseline for h in res.history])
@@ -512,8 +513,8 @@ def test_divergence_is_reported_not_raised(case, xor, sphere):
     seen = []
     with np.errstate(all="raise"):  # warnings inside the loop must be contained by train()
         res = train(cfg, on_epoch=lambda m, ck: seen.append(m), data=sphere if cfg.dataset == "sphere" else xor)
-    assert res.status == STATUS_DIVERGED
-    assert res.summary["status"] == STATUS_DIVERGED
+    assert res.status == TrialStatus.DIVERGED
+    assert res.summary["status"] == TrialStatus.DIVERGED
     assert len(res.history) < cfg.epochs
     assert len(seen) == len(res.history)
     for h in res.history:
@@ -525,7 +526,7 @@ def test_divergence_is_reported_not_raised(case, xor, sphere):
 def test_diverged_run_keeps_last_finite_weights(xor):
     cfg = TrialConfig(epochs=5, batch_size=50, diag_size=200, **DIVERGING["dtp_alpha100"])
     res = train(cfg, data=xor)
-    assert res.status == STATUS_DIVERGED
+    assert res.status == TrialStatus.DIVERGED
     for k, v in res.model.state.items():
         assert np.all(np.isfinite(v)), k
 
@@ -652,7 +653,7 @@ def test_clip_norm_limits_each_gradient(name, path):
 def test_model_save_load_round_trip(tmp_path, xor, rule):
     cfg = TrialConfig(rule=rule, dataset="xor", hidden=[8, 8, 8], epochs=2, batch_size=50, diag_size=100)
     res = train(cfg, data=xor)
-    assert res.status == STATUS_COMPLETED
+    assert res.status == TrialStatus.COMPLETED
     path = res.model.save(tmp_path / "model")
     loaded = TrainedModel.load(path)
     assert loaded.config == res.config and loaded.loss == res.model.loss and loaded.mode == "classification"

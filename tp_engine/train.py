@@ -20,9 +20,7 @@ import numpy as np
 from tp_engine.config import TrialConfig
 from tp_engine.losses import LOSSES
 from tp_engine.model import TrainedModel
-
-STATUS_COMPLETED = "completed"
-STATUS_DIVERGED = "diverged"
+from tp_engine.status import TrialStatus
 
 
 def resolve_loss(cfg: TrialConfig) -> str:
@@ -38,7 +36,7 @@ def resolve_loss(cfg: TrialConfig) -> str:
 
 @dataclass
 class TrainResult:
-    status: str
+    status: TrialStatus  # completed or diverged
     config: TrialConfig
     history: list[dict[str, float]]
     summary: dict[str, Any]
@@ -112,7 +110,7 @@ def train(
     diag_noise = [B.asarray(cfg.noise * diag_noise_rng.standard_normal((len(x_tr[: cfg.diag_size]), s[1]), np.float32)) for s in noise_shapes]
 
     history = list(history or [])
-    status = STATUS_COMPLETED
+    status = TrialStatus.COMPLETED
     checkpoint = engine_state(engine)  # also the last finite state, restored on divergence
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -176,7 +174,7 @@ def train(
                 # Finite but exploding: compared with the first epoch's training loss.
                 bad = loss_sum / seen > cfg.divergence_factor * max(history[0]["train_loss"], 1e-12)
         if bad:
-            status = STATUS_DIVERGED
+            status = TrialStatus.DIVERGED
             break
         m: dict[str, float] = {
             "epoch": epoch + 1,
@@ -200,7 +198,7 @@ def train(
         if on_epoch is not None:
             on_epoch(dict(m), checkpoint)
 
-    if status == STATUS_DIVERGED:
+    if status == TrialStatus.DIVERGED:
         load_engine_state(engine, checkpoint)  # keep the last finite weights
     summary = summarize(cfg, status, history)
     model = TrainedModel(cfg, engine.net.state(), loss, cfg.mode)
@@ -328,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    if res.status == STATUS_DIVERGED:
+    if res.status == TrialStatus.DIVERGED:
         console.print(f"[yellow]diverged after {len(res.history)} finite epoch(s)[/yellow]")
     if args.save:
         res.model.save(args.save)

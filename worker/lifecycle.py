@@ -18,6 +18,7 @@ Importable without Ray or MLflow: the service reads these files in its own proce
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
 import time
@@ -25,7 +26,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tp_engine.status import TrialStatus
+
 SPEC, JOB, STARTED, PROGRESS, RESULT = "spec.yaml", "job.json", "started.json", "progress.json", "result.json"
+
+
+class SweepState(str, enum.Enum):
+    """A sweep's state in the queue (``service.queue`` holds its transitions): queued -> running ->
+    succeeded | failed | cancelled; a failed or interrupted sweep goes back to queued. Named here,
+    below the service, because a run's outcome maps to one (``Outcome``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RunOutcome(enum.StrEnum):
+    """How one run of a sweep (``worker.sweep.run_sweep``) ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # every trial failed
+    INTERRUPTED = "interrupted"  # trials left running or pending: resume it
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -120,9 +143,9 @@ def final_progress(progress: dict[str, Any], result: dict[str, Any]) -> dict[str
         total = int(result.get("n_trials") or sum(ts.values()))
     except (TypeError, ValueError):
         return out
-    unfinished = ts.get("running", 0) + ts.get("pending", 0)
+    unfinished = ts.get(TrialStatus.RUNNING, 0) + ts.get(TrialStatus.PENDING, 0)
     out.update(total=total, done=sum(ts.values()) - unfinished, running=0,
-               pending=max(0, total - sum(ts.values()) + unfinished), errored=ts.get("failed", 0),
+               pending=max(0, total - sum(ts.values()) + unfinished), errored=ts.get(TrialStatus.FAILED, 0),
                trial_status=ts)
     return out
 
@@ -140,21 +163,21 @@ class Outcome:
     exit_code: int
 
 
-INTERRUPTED = Outcome("queued", None, 130)
+INTERRUPTED = Outcome(SweepState.QUEUED.value, None, 130)
 
 
 def outcome_of(state: str, trial_status: dict[str, int]) -> Outcome:
-    """The outcome of a sweep that ``run_sweep`` finished with ``state``."""
-    if state == "succeeded":
-        return Outcome("succeeded", None, 0)
-    if state == "interrupted":
+    """The outcome of a sweep that ``run_sweep`` finished with ``state`` (a RunOutcome)."""
+    if state == RunOutcome.SUCCEEDED:
+        return Outcome(SweepState.SUCCEEDED.value, None, 0)
+    if state == RunOutcome.INTERRUPTED:
         return INTERRUPTED
-    return Outcome("failed", f"trials: {trial_status}", 1)
+    return Outcome(SweepState.FAILED.value, f"trials: {trial_status}", 1)
 
 
 def crashed(exc: BaseException) -> Outcome:
     """The outcome of a sweep whose driver raised (its own failure, not bad input)."""
-    return Outcome("failed", f"{type(exc).__name__}: {exc}", 1)
+    return Outcome(SweepState.FAILED.value, f"{type(exc).__name__}: {exc}", 1)
 
 
 # ---- one run ---------------------------------------------------------------------------------
@@ -216,5 +239,5 @@ class SweepRun:
         return outcome_of(result.state, result.trial_status)
 
 
-__all__ = ["INTERRUPTED", "Outcome", "SweepFolder", "SweepRun", "crashed", "final_progress", "outcome_of",
-           "read_json", "write_atomic"]
+__all__ = ["INTERRUPTED", "Outcome", "RunOutcome", "SweepFolder", "SweepRun", "SweepState", "crashed",
+           "final_progress", "outcome_of", "read_json", "write_atomic"]

@@ -116,7 +116,7 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
 
 
 def child_runs(c: MlflowClient, exp_id: str, parent_run_id: str):
-    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    flt = f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'"
     return c.search_runs([exp_id], filter_string=flt, max_results=5000)
 
 
@@ -148,11 +148,11 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
             m.update(_summary_from_history(c, run.info.run_id, seconds))
         key = json.dumps({k: v for k, v in sorted(p.items()) if k not in _NOT_CONFIG})
         cmp.trials.append(TrialRow(
-            run.info.run_id, t.get(tracking.TAG_TRIAL, ""), t.get("rule", p.get("rule", "?")),
+            run.info.run_id, t.get(tracking.TAG_TRIAL, ""), t.get(tracking.TAG_RULE, p.get("rule", "?")),
             int(p.get("seed", 0)), t.get(tracking.TAG_STATUS, "?"), key,
             {k: p[k] for k in swept if k in p}, m,
-            {k.removeprefix("machine."): v for k, v in t.items() if k.startswith("machine.")},
-            sum(seconds.values()), t.get("dataset", p.get("dataset", "")),
+            {k.removeprefix(tracking.MACHINE_PREFIX): v for k, v in t.items() if k.startswith(tracking.MACHINE_PREFIX)},
+            sum(seconds.values()), t.get(tracking.TAG_DATASET, p.get("dataset", "")),
             tuple(p.get(g, "?") for g in group_by),
         ))
     better = max if mode == "max" else min

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from tp_engine.status import DONE, UNFINISHED, TrialStatus
 from worker import tracking
+from worker.lifecycle import RunOutcome
 from worker.spec import SweepSpec
 
 TRIAL_STATES = ("PENDING", "RUNNING", "PAUSED", "TERMINATED", "ERROR")
@@ -47,7 +49,7 @@ class Progress:
 @dataclass
 class SweepResult:
     sweep_id: str
-    state: str  # succeeded | failed | interrupted
+    state: str  # a RunOutcome
     experiment_id: str
     experiment_name: str
     parent_run_id: str
@@ -233,7 +235,7 @@ def run_sweep(
     c = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(c, spec.name)
     parent_id = tracking.parent_run(c, exp_id, sweep_id, spec.to_yaml(), spec.description or "")
-    c.set_tag(parent_id, "tp.trials", str(spec.n_trials()))
+    c.set_tag(parent_id, tracking.TAG_TRIALS, str(spec.n_trials()))
     if on_start:
         on_start(exp_id, parent_id)
 
@@ -280,23 +282,23 @@ def run_sweep(
         _LISTENERS.pop(sweep_id, None)
 
     trial_status = _reconcile(c, exp_id, sweep_id, results, progress)
-    unfinished = sum(v for k, v in trial_status.items() if k in ("running", "pending"))
+    unfinished = sum(v for k, v in trial_status.items() if k in UNFINISHED)
     if unfinished:
-        state = "interrupted"
-    elif trial_status.get("failed", 0) == spec.n_trials():
-        state = "failed"
+        state = RunOutcome.INTERRUPTED
+    elif trial_status.get(TrialStatus.FAILED, 0) == spec.n_trials():
+        state = RunOutcome.FAILED
     else:
-        state = "succeeded"
+        state = RunOutcome.SUCCEEDED
     cmp = compare_sweep(c, exp_id, parent_id, spec)
     artifacts = [str(p) for p in publish(c, parent_id, cmp, Path(exp_path) / "comparison")]
     for k, v in trial_status.items():
         c.log_metric(parent_id, f"trials/{k}", v)
-    c.set_tag(parent_id, "sweep_state", state)
-    c.set_terminated(parent_id, {"succeeded": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
+    c.set_tag(parent_id, tracking.TAG_SWEEP_STATE, state)
+    c.set_terminated(parent_id, {RunOutcome.SUCCEEDED: "FINISHED", RunOutcome.FAILED: "FAILED"}.get(state, "KILLED"))
     return SweepResult(
         sweep_id, state, exp_id, spec.name, parent_id, tracking_uri, spec.n_trials(), trial_status,
         cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
-        {**progress.as_dict(), "done": sum(trial_status.get(k, 0) for k in ("completed", "diverged", "early_stopped", "failed")),
+        {**progress.as_dict(), "done": sum(trial_status.get(k, 0) for k in DONE),
          "running": 0, "pending": unfinished},
     )
 
@@ -306,26 +308,27 @@ def _reconcile(c, exp_id: str, sweep_id: str, results, progress: Progress) -> di
     themselves (stopped early by ASHA, or out of retries). Trials neither finished nor failed are
     'running' or 'pending': the sweep was interrupted and can be resumed."""
     counts: dict[str, int] = {}
+    S = TrialStatus
     for r in results:
         last = r.metrics or {}
         trial_id = last.get("trial_id")
         run = tracking.find_run(c, exp_id, **{tracking.TAG_SWEEP: sweep_id, tracking.TAG_TRIAL: trial_id}) if trial_id else None
         tagged = run.data.tags.get(tracking.TAG_STATUS) if run is not None else None
         reported = last.get("status")
-        if reported in ("completed", "diverged"):
-            status = reported
-        elif trial_id in progress.errored_ids or (r.error is not None and trial_id not in progress.completed_ids and tagged == "failed"):
-            status = "failed"
+        if reported in (S.COMPLETED, S.DIVERGED):
+            status = S(reported)
+        elif trial_id in progress.errored_ids or (r.error is not None and trial_id not in progress.completed_ids and tagged == S.FAILED):
+            status = S.FAILED
         elif trial_id in progress.completed_ids:
-            status = "early_stopped"  # Tune ended it before its last epoch: ASHA
-        elif tagged in ("early_stopped", "failed"):
-            status = tagged  # settled by an earlier run of this sweep
+            status = S.EARLY_STOPPED  # Tune ended it before its last epoch: ASHA
+        elif tagged in (S.EARLY_STOPPED, S.FAILED):
+            status = S(tagged)  # settled by an earlier run of this sweep
         else:
-            status = "running" if reported else "pending"
+            status = S.RUNNING if reported else S.PENDING
         counts[status] = counts.get(status, 0) + 1
-        if run is not None and status in ("failed", "early_stopped") and tagged != status:
+        if run is not None and status in (S.FAILED, S.EARLY_STOPPED) and tagged != status:
             c.set_tag(run.info.run_id, tracking.TAG_STATUS, status)
-            c.set_terminated(run.info.run_id, "FAILED" if status == "failed" else "FINISHED")
-        elif run is not None and status in ("running", "pending"):
+            c.set_terminated(run.info.run_id, "FAILED" if status == S.FAILED else "FINISHED")
+        elif run is not None and status in UNFINISHED:
             c.set_terminated(run.info.run_id, "KILLED")
     return counts

@@ -9,19 +9,35 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from tp_engine.status import TrialStatus
 from worker.paths import default_tracking_uri  # noqa: F401  (re-exported)
 
+# Every MLflow tag a sweep writes or reads, named once. Tags of both runs:
 TAG_SWEEP = "sweep_id"
+TAG_KIND = "tp.kind"  # KIND_SWEEP (parent) or KIND_TRIAL (child)
+KIND_SWEEP, KIND_TRIAL = "sweep", "trial"
+# The parent run's:
+TAG_TRIALS = "tp.trials"  # trials the spec expands to
+TAG_SWEEP_STATE = "sweep_state"  # how the last run of the sweep ended (worker.lifecycle.RunOutcome)
+# A child run's:
 TAG_TRIAL = "trial_id"
-TAG_KIND = "tp.kind"  # "sweep" (parent) or "trial" (child)
-TAG_STATUS = "status"  # completed | early_stopped | diverged | failed | running
+TAG_STATUS = "status"  # a TrialStatus
+TAG_RULE = "rule"
+TAG_BACKEND = "backend"
+TAG_DATASET = "dataset"
+TAG_SEED = "seed"
+TAG_CONFIG_HASH = "config_hash"
+MACHINE_PREFIX = "machine."  # machine.<key>: where the trial ran (tp_engine.machine)
+# MLflow's own:
+TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"  # a run's description
 
 
 def machine_tags() -> dict[str, str]:
     """Where a trial ran, as ``machine.*`` tags (for the results record)."""
     from tp_engine.machine import describe
 
-    return {f"machine.{k}": v for k, v in describe().items()}
+    return {f"{MACHINE_PREFIX}{k}": v for k, v in describe().items()}
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -49,14 +65,14 @@ def find_run(c: MlflowClient, exp_id: str, **tags: str):
 
 def parent_run(c: MlflowClient, exp_id: str, sweep_id: str, spec_yaml: str, description: str = "") -> str:
     """The sweep's parent run, created once; a resumed sweep reopens it."""
-    run = find_run(c, exp_id, **{TAG_SWEEP: sweep_id, TAG_KIND: "sweep"})
+    run = find_run(c, exp_id, **{TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP})
     if run is not None:
         c.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
     run = c.create_run(
         exp_id,
         run_name=f"sweep {sweep_id}",
-        tags={TAG_SWEEP: sweep_id, TAG_KIND: "sweep", "mlflow.note.content": description or ""},
+        tags={TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP, TAG_NOTE: description or ""},
     )
     c.log_text(run.info.run_id, spec_yaml, "spec.yaml")
     return run.info.run_id
@@ -69,8 +85,8 @@ def child_run(c: MlflowClient, exp_id: str, parent_id: str, sweep_id: str, trial
     if run is not None:
         c.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, False
-    all_tags = {TAG_SWEEP: sweep_id, TAG_TRIAL: trial_id, TAG_KIND: "trial",
-                "mlflow.parentRunId": parent_id, TAG_STATUS: "running", **tags}
+    all_tags = {TAG_SWEEP: sweep_id, TAG_TRIAL: trial_id, TAG_KIND: KIND_TRIAL,
+                TAG_PARENT: parent_id, TAG_STATUS: TrialStatus.RUNNING.value, **tags}
     run = c.create_run(exp_id, run_name=name, tags=all_tags)
     from mlflow.entities import Param
 

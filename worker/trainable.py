@@ -126,7 +126,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     from tp_engine.data import load_dataset
-    from tp_engine.train import STATUS_COMPLETED, STATUS_DIVERGED, train
+    from tp_engine.status import SETTLED, TrialStatus
+    from tp_engine.train import train
     from worker import tracking
     from worker.spec import SweepSpec
 
@@ -134,12 +135,13 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     cfg = spec.trial_config(dict(params))
     trial_id = tune.get_context().get_trial_id()
     c = tracking.client(ctx.tracking_uri)
-    tags = {"rule": cfg.rule, "backend": cfg.backend, "seed": str(cfg.seed),
-            "config_hash": cfg.config_hash(), "dataset": cfg.dataset, **tracking.machine_tags()}
+    tags = {tracking.TAG_RULE: cfg.rule, tracking.TAG_BACKEND: cfg.backend, tracking.TAG_SEED: str(cfg.seed),
+            tracking.TAG_CONFIG_HASH: cfg.config_hash(), tracking.TAG_DATASET: cfg.dataset,
+            **tracking.machine_tags()}
     name = f"{cfg.rule}-s{cfg.seed}-{trial_id[-5:]}"
     prior = tracking.find_run(c, ctx.experiment_id, **{tracking.TAG_SWEEP: ctx.sweep_id, tracking.TAG_TRIAL: trial_id})
     settled = prior.data.tags.get(tracking.TAG_STATUS) if prior is not None else None
-    if settled in (STATUS_COMPLETED, STATUS_DIVERGED):
+    if settled in SETTLED:
         # Finished and logged before the sweep driver died, but the Tune snapshot being resumed
         # predates its last report: do not train, log or reopen it again, only tell Tune.
         if prior.info.status != "FINISHED":
@@ -173,7 +175,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             # and ASHA always does at max_t (the last epoch).
             last_epoch["m"], last_epoch["st"] = m, st
             return
-        report(m, "running", st, epoch)
+        report(m, TrialStatus.RUNNING, st, epoch)
 
     def report(m: dict[str, float], status: str, st: dict[str, np.ndarray] | None = None, epoch: int = 0) -> None:
         if st is None:
