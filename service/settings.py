@@ -20,7 +20,9 @@ ENV = {
 
 
 def data_dir() -> Path:
-    from tp_engine.data import data_dir as _d
+    """$SWEEP_DATA_DIR, else ./sweep_data (created): read through the worker's function, which the
+    Ray jobs the service starts use too (the dispatcher passes them this directory)."""
+    from worker.paths import data_dir as _d
 
     return _d()
 

@@ -20,6 +20,7 @@ from tp_engine.data import cifar10 as CIFAR
 from tp_engine.data import common as C
 from tp_engine.data import mnist as M
 from tp_engine.data import DATASETS, DataError, PCAWhitening, load_dataset
+from worker import paths as W
 
 # Official MNIST class counts: the 10k test set, and the 60k training set (pickle train + valid).
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -346,9 +347,9 @@ def test_cifar10_missing_batch_is_named(tmp_path, monkeypatch):
 def test_cifar10_default_location_is_under_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path / "sd"))
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "sd" / "cifar-10-batches-py"))):
-        load_dataset("cifar10")
+        load_dataset("cifar10", cache_dir=str(W.cache_dir()))
     _write_fake_cifar(tmp_path / "sd" / "cifar-10-batches-py", rows=2)
-    assert load_dataset("cifar10").x_test.shape == (2, 3072)
+    assert load_dataset("cifar10", cache_dir=str(W.cache_dir())).x_test.shape == (2, 3072)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,12 +494,12 @@ def test_bad_subset(bad):
 
 def test_data_dir_and_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path / "custom"))
-    assert D.data_dir() == tmp_path / "custom" and (tmp_path / "custom").is_dir()
-    assert D.cache_dir() == tmp_path / "custom" / "cache" and (tmp_path / "custom" / "cache").is_dir()
+    assert W.data_dir() == tmp_path / "custom" and (tmp_path / "custom").is_dir()
+    assert W.cache_dir() == tmp_path / "custom" / "cache" and (tmp_path / "custom" / "cache").is_dir()
     monkeypatch.delenv("SWEEP_DATA_DIR")
     monkeypatch.chdir(tmp_path)
     assert not (tmp_path / "sweep_data").exists()  # nothing is created before it is asked for
-    assert D.data_dir() == tmp_path / "sweep_data" and (tmp_path / "sweep_data").is_dir()
+    assert W.data_dir() == tmp_path / "sweep_data" and (tmp_path / "sweep_data").is_dir()
 
 
 def test_synthetic_load_creates_no_directories(tmp_path, monkeypatch):

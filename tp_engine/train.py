@@ -83,14 +83,18 @@ def train(
     start_epoch: int = 0,
     history: list[dict[str, float]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cache_dir: str | None = None,
 ) -> TrainResult:
-    """Train one model. ``resume`` (from ``TrainResult.checkpoint``) continues at ``start_epoch``."""
+    """Train one model. ``resume`` (from ``TrainResult.checkpoint``) continues at ``start_epoch``.
+    Without ``data``, the dataset is loaded with downloads cached in ``cache_dir`` (default
+    ``tp_engine.data.DEFAULT_CACHE_DIR``)."""
     from tp_engine.backends import get_backend
     from tp_engine.data import load_dataset
     from tp_engine.engine import Engine, engine_state, load_engine_state
 
     ds = data if data is not None else load_dataset(
-        cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path
+        cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path,
+        cache_dir=cache_dir,
     )
     loss = resolve_loss(cfg)
     x_tr, x_va, x_te = ds.x_train, ds.x_valid, ds.x_test
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     p = _ArgParser(prog="python -m tp_engine.train", description="Train one model with a propagation rule.")
+    from tp_engine.data import DEFAULT_CACHE_DIR
     from tp_engine.rules import RULES
 
     p.add_argument("--rule", required=True, choices=list(RULES))
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, dotted")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                   help=f"where downloaded datasets are kept (default {DEFAULT_CACHE_DIR})")
     p.add_argument("--save", metavar="DIR", help="save the trained model here")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     args = p.parse_args(argv)
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         try:
-            res = train(cfg, on_epoch, progress=on_progress)
+            res = train(cfg, on_epoch, progress=on_progress, cache_dir=args.cache_dir)
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -11,8 +11,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tp_engine.data import data_dir
     from worker.lifecycle import SweepFolder, SweepRun
+    from worker.paths import data_dir
     from worker.spec import load_spec
     from worker.tracking import default_tracking_uri
 

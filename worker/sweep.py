@@ -202,7 +202,7 @@ def _progress_callback(progress: Progress, metric: str, mode: str, on_progress, 
 def storage_root(storage_path: str | None = None) -> str:
     if storage_path:
         return os.path.abspath(storage_path)
-    from tp_engine.data import data_dir
+    from worker.paths import data_dir
 
     return str(data_dir() / "tune")
 

@@ -159,7 +159,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     start_epoch = int(meta["epoch"]) if meta else 0
     history = meta["history"] if meta else []
 
-    ds = load_dataset(cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path)
+    from worker.paths import cache_dir
+
+    ds = load_dataset(cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path,
+                      cache_dir=str(cache_dir()))
 
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
         epoch = int(m["epoch"])

@@ -62,8 +62,7 @@ DATASETS: tuple[str, ...] = tuple(SOURCES)
 SYNTHETIC: tuple[str, ...] = tuple(n for n, s in SOURCES.items() if s.module == "synthetic")
 
 # Names re-exported from the submodules, imported when first asked for (they need NumPy).
-_LAZY = {"Dataset": "common", "DataError": "common", "Splits": "common", "PCAWhitening": "whitening",
-         "data_dir": "common", "cache_dir": "common"}
+_LAZY = {"Dataset": "common", "DataError": "common", "Splits": "common", "PCAWhitening": "whitening"}
 
 
 def __getattr__(name: str) -> Any:

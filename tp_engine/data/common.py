@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import os
 import pathlib
 import struct
 from collections.abc import Callable, Iterator
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from tp_engine.data import DEFAULT_CACHE_DIR
 
 if TYPE_CHECKING:
     from tp_engine.data.whitening import PCAWhitening
@@ -71,29 +72,10 @@ class Dataset:
         return x.reshape((-1, *self.image_shape))
 
 
-def _data_dir_path() -> pathlib.Path:
-    env = os.environ.get("SWEEP_DATA_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.cwd() / "sweep_data"
-
-
-def data_dir() -> pathlib.Path:
-    """``$SWEEP_DATA_DIR`` if set, else ``<cwd>/sweep_data``; created on first call."""
-    path = _data_dir_path()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def cache_dir() -> pathlib.Path:
-    """``data_dir()/cache``, where downloaded files live; created on first call."""
-    path = data_dir() / "cache"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def cache_root(cache_dir: str | None) -> pathlib.Path:
-    """The download cache: ``cache_dir``, else ``$SWEEP_DATA_DIR/cache``. Not created here: a
-    source creates what it writes."""
-    return pathlib.Path(cache_dir).expanduser() if cache_dir else _data_dir_path() / "cache"
+    """The download cache: ``cache_dir``, else :data:`DEFAULT_CACHE_DIR` under the working
+    directory. Not created here: a source creates what it writes."""
+    return pathlib.Path(cache_dir).expanduser() if cache_dir else pathlib.Path.cwd() / DEFAULT_CACHE_DIR
 
 
 def stat_key(paths: list[pathlib.Path]) -> tuple:
