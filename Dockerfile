@@ -29,7 +29,7 @@ RUN python3.11 -m venv /opt/venv \
     && chown sweep:sweep /data /mlflow/artifacts
 
 # Fashion-MNIST, real and offline: Debian's package installs its four IDX files under
-# /usr/share/datasets/fashion-mnist, where tp_engine.fashion_mnist looks before fetching.
+# /usr/share/datasets/fashion-mnist, where tp_engine.data.fashion_mnist looks before fetching.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends dataset-fashion-mnist=0.0~git20200523.55506a9-1 \
     && rm -rf /var/lib/apt/lists/*
