@@ -481,7 +481,7 @@ def test_whitening_fit_direct_roundtrip():
 
 
 def test_dataset_names():
-    assert DATASETS == ("mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus")
+    assert DATASETS == ("mnist", "fashion_mnist", "cifar10", "spiral", "xor", "sphere", "ball", "annulus", "torus")
     with pytest.raises(DataError, match="spiral"):
         load_dataset("imagenet")
 
