@@ -6,7 +6,12 @@ its dispatcher (scripts/local_cluster up, in a temporary SWEEP_DATA_DIR on free 
 * a sweep cancelled mid-way ends cancelled, with no trial actor left alive and its runs kept;
 * the service SIGKILLed mid-sweep and restarted adopts the running job; killed again while the
   job is stopped from outside, it resubmits the sweep on restart, which resumes from Tune's
-  storage without duplicating any MLflow child run.
+  storage without duplicating any MLflow child run;
+* every process of the cluster listens on loopback only;
+* the Ray head's process group SIGKILLed mid-sweep: `local_cluster up` cleans up and restarts
+  the head and its worker node only, the sweep resumes; then the second Ray node SIGKILLed
+  mid-trial: its trial is retried on the head from its checkpoint, and the sweep completes with
+  one child run per trial and every epoch logged once.
 
 Slow (minutes); trials are tiny (spiral, hidden [16], numpy backend).
 """
@@ -256,12 +261,68 @@ def epochs_reported(v: dict) -> int:
     return int((v.get("progress") or {}).get("epochs_reported") or 0)
 
 
+ROLES = ("mlflow", "ray-head", "ray-worker", "service")
+
+
+def pid_of(cluster: Cluster, name: str) -> int:
+    return int((cluster.state_dir / "pids" / f"{name}.pid").read_text().strip())
+
+
+def cluster_pids(cluster: Cluster, *names: str) -> set[int]:
+    """The live processes of the cluster's components `names` (all by default): what each started
+    (its session), the job drivers (their environment mark) and whatever writes its output into
+    the cluster's Ray temp dir."""
+    from test_local_cluster import processes_of
+
+    names = names or ROLES
+    ray_dir = cluster.launch_env["LOCAL_CLUSTER_RAY_TEMP_DIR"] + "/"
+    return processes_of(sessions={pid_of(cluster, n) for n in names},
+                        marks={f"LOCAL_CLUSTER_PROC={n}@{cluster.state_dir}" for n in names},
+                        outputs_under=ray_dir if {"ray-head", "ray-worker"} & set(names) else None)
+
+
+def trial_processes(cluster: Cluster, node: str) -> dict[int, str]:
+    """pid -> trial id of the Tune trial actors running on Ray node `node` (ray-head or
+    ray-worker), read from their working directory (Tune's per-trial directory)."""
+    from test_local_cluster import processes_of
+
+    out = {}
+    for pid in processes_of(sessions={pid_of(cluster, node)}):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if b"ImplicitFunc" in cmd and "run_trial_" in cwd:
+            out[pid] = Path(cwd).name.split("_")[2] + "_" + Path(cwd).name.split("_")[3]
+    return out
+
+
+def check_loopback_only(cluster: Cluster) -> list:
+    from test_local_cluster import listening_sockets, not_loopback
+
+    sockets = listening_sockets(cluster_pids(cluster))
+    assert not_loopback(sockets) == [], sockets
+    return sockets
+
+
 # ---- tests -----------------------------------------------------------------------------------
 
 
 def test_health(cluster):
     h = httpx.get(cluster.service_url + "/health", timeout=30).json()
     assert h == {"status": "ok", "queue": "sqlite", "dispatcher": "running", "ray": cluster.env["RAY_ADDRESS"]}
+
+
+def test_every_process_of_the_cluster_listens_on_loopback_only(cluster):
+    sockets = check_loopback_only(cluster)
+    ports = {port for _, port, _, _ in sockets}
+    env = cluster.launch_env
+    # The check saw the cluster: its fixed ports, and Ray's own (raylets, agents, workers).
+    for name in ("MLFLOW_PORT", "SWEEP_API_PORT", "RAY_GCS_PORT", "RAY_DASHBOARD_PORT",
+                 "LOCAL_CLUSTER_HEAD_AGENT_PORT", "LOCAL_CLUSTER_WORKER_AGENT_PORT"):
+        assert int(env[name]) in ports, (name, sockets)
+    assert sum("raylet" in cmd for _, _, _, cmd in sockets) >= 4, sockets  # 2 nodes, 2+ ports each
 
 
 def test_sweep_runs_on_both_nodes_logs_to_mlflow_and_reports(cluster, tmp_path, capsys):
@@ -441,3 +502,99 @@ def test_service_killed_mid_sweep_adopts_then_resumes(cluster, tmp_path):
         # A list, not a set: an epoch logged twice (rerun after the resume and logged again) fails.
         steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, "valid_accuracy"))
         assert steps == list(range(1, epochs + 1)), steps
+
+
+def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
+    """The Ray head's process group SIGKILLed mid-sweep, then (once the sweep resumed) the second
+    Ray node's. Last in this module: it restarts the cluster's Ray."""
+    epochs = 15
+    spec = yaml.safe_load(spec_file(tmp_path, "e2e-faults", epochs=epochs).read_text())
+    spec["failure"] = {"max_failures": 2}
+    path = tmp_path / "e2e-faults.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep_id = submit(cluster, path)
+    wait_for(cluster, sweep_id, lambda v: v["state"] == "running" and epochs_reported(v) >= 3, 300,
+             "trials to report")
+    timings = {}
+
+    # 1. The head. `up` finds it dead, stops what it left (the job driver, trial processes) and
+    # the worker node that belonged to it, clears its Ray session, restarts both; MLflow and the
+    # service are left alone.
+    before = {n: pid_of(cluster, n) for n in ROLES}
+    os.killpg(before["ray-head"], signal.SIGKILL)
+    t0 = time.monotonic()
+    timings["head: up"] = timed_up(cluster)
+    after = {n: pid_of(cluster, n) for n in ROLES}
+    assert {n for n in ROLES if after[n] != before[n]} == {"ray-head", "ray-worker"}, (before, after)
+    # Nothing of the old head or the old worker node is left.
+    assert not cluster_pids_of_sessions({before["ray-head"], before["ray-worker"]})
+    check_loopback_only(cluster)
+    wait_for(cluster, sweep_id, lambda v: v["attempts"] >= 2 and v["state"] == "running"
+             and trial_processes(cluster, "ray-worker"), 300, "the sweep to resume on both nodes")
+    timings["head: resumed"] = time.monotonic() - t0
+
+    # 2. The second node, mid-trial: its trial is retried on the head from its last checkpoint
+    # (failure.max_failures), while the node is down.
+    victims = set(trial_processes(cluster, "ray-worker").values())
+    assert victims, "no trial on the second node any more: give the trials more epochs"
+    worker = pid_of(cluster, "ray-worker")
+    os.killpg(worker, signal.SIGKILL)
+    t1 = time.monotonic()
+    seen_on_head: set[str] = set()
+    wait_for(cluster, sweep_id, lambda v: victims <= seen_on_head, 300,
+             f"trial(s) {victims} to be retried on the head",
+             on_poll=lambda: seen_on_head.update(trial_processes(cluster, "ray-head").values()))
+    timings["worker: retried on head"] = time.monotonic() - t1
+    # `up` restarts that node only (meanwhile the sweep goes on).
+    before = {n: pid_of(cluster, n) for n in ROLES}
+    t2 = time.monotonic()
+    up = subprocess.Popen([str(LOCAL_CLUSTER), "up"], cwd=REPO, env=cluster.launch_env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 600, "the sweep to succeed")
+        timings["worker: sweep done"] = time.monotonic() - t2
+        _, err = up.communicate(timeout=600)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    timings["worker: up"] = time.monotonic() - t2
+    print(f"local_cluster up:\n{err}", flush=True)
+    assert up.returncode == 0, err[-4000:]
+    after = {n: pid_of(cluster, n) for n in ROLES}
+    assert {n for n in ROLES if after[n] != before[n]} == {"ray-worker"}, (before, after)
+    print(f"{sweep_id}: attempts {v['attempts']}, timings (s): "
+          + ", ".join(f"{k} {s:.0f}" for k, s in timings.items()))
+    assert v["progress"]["done"] == 4 and v["progress"]["errored"] == 0
+
+    # One child run per trial, every epoch logged exactly once.
+    runs = child_runs(v)
+    per_trial = Counter(r.data.tags["trial_id"] for r in runs)
+    assert len(per_trial) == 4 and set(per_trial.values()) == {1}, per_trial
+    c = mlflow_client(v)
+    for r in runs:
+        assert r.data.tags["status"] == "completed" and r.info.status == "FINISHED"
+        steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, "valid_accuracy"))
+        assert steps == list(range(1, epochs + 1)), (r.data.tags["trial_id"], steps)
+    # Retried trials went on from a checkpoint: no trial reported its first epoch twice.
+    results = list((Path(cluster.data_dir) / "tune" / sweep_id).glob("run_trial_*/result.json"))
+    assert len(results) == 4, results
+    for result in results:
+        reported = [json.loads(line).get("epoch") for line in result.read_text().splitlines() if line.strip()]
+        assert reported.count(1) == 1, (result.parent.name, reported)
+
+
+def timed_up(cluster: Cluster) -> float:
+    """`local_cluster up` (the cluster's settings are the same after it): its duration, and what
+    it said, for the record."""
+    t0 = time.monotonic()
+    r = cluster.run("up")
+    took = time.monotonic() - t0
+    print(f"local_cluster up ({took:.0f} s):\n{r.stderr}", flush=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return took
+
+
+def cluster_pids_of_sessions(sessions: set[int]) -> set[int]:
+    from test_local_cluster import processes_of
+
+    return processes_of(sessions=sessions)

@@ -74,7 +74,7 @@ def _cmd(pid: int) -> str:
 
 def processes_of(sessions: set[int] = frozenset(), marks: set[str] = frozenset(),
                  outputs_under: str | None = None) -> set[int]:
-    """Pids whose session id is in `sessions` (Ray's workers keep their node's session), whose
+    """Live pids whose session id is in `sessions` (Ray's workers keep their node's session), whose
     environment holds one of `marks` (NAME=VALUE; Ray's job drivers start a session of their
     own), or whose stdout/stderr goes under `outputs_under` (a Ray session directory)."""
     wanted = {m.encode() for m in marks}
@@ -84,6 +84,8 @@ def processes_of(sessions: set[int] = frozenset(), marks: set[str] = frozenset()
             continue
         pid = int(name)
         try:
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                continue  # dead, not yet reaped
             if os.getsid(pid) in sessions:
                 pids.add(pid)
                 continue
@@ -136,10 +138,10 @@ def test_listening_sockets_sees_a_known_listener():
 
 SPEC = """\
 name: embedded-loopback
-base: {dataset: spiral, hidden: [8], epochs: 3, batch_size: 50, subset: 400, diag_size: 100}
+base: {dataset: spiral, backend: numpy, hidden: [8], epochs: 2, batch_size: 50, subset: 400, diag_size: 100}
 parameters:
-  rule: {distribution: values, values: [bp, dtp]}
-search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 2}
+  rule: {distribution: values, values: [bp]}
+search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 1}
 """
 
 
@@ -168,6 +170,7 @@ def test_embedded_sweep_listens_on_loopback_only(tmp_path):
             os.killpg(proc.pid, 9)
             proc.wait()
     assert proc.returncode == 0, log.read_text()[-3000:]
+    print("\n".join(f"{a}:{p} pid {pid} {cmd[:60]}" for a, p, pid, cmd in sorted(seen.values())))
     commands = " ".join(s[3] for s in seen.values())
     # The sweep was watched while its Ray ran: the GCS and the raylet were listening.
     assert "gcs_server" in commands and "raylet" in commands, sorted(seen.values())
