@@ -8,7 +8,6 @@ tracking URI the job actually used).
 from __future__ import annotations
 
 import functools
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, TypeAdapter
 
 from service.queue import TERMINAL, SweepRecord, SweepState
+from worker.lifecycle import read_json  # one reader of the sweep folder's JSON files
 
 SweepStateName = Literal[tuple(s.value for s in SweepState)]  # type: ignore[valid-type]
 
@@ -125,15 +125,6 @@ def n_trials_of(spec_yaml: str) -> int | None:
         return spec_from_text(spec_yaml).n_trials()
     except SpecError:
         return None
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file the job wrote atomically, or None if absent/unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class ViewBuilder:
