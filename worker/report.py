@@ -57,6 +57,21 @@ class Comparison:
     tests: dict[str, list[float]] = field(default_factory=dict)  # group -> test acc @ best valid, per seed
     group_by: list[str] = field(default_factory=list)  # grid parameters grouped by, besides the rule
     groups: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # group -> (rule, values)
+    timing: dict[str, Any] | None = None  # sweep_timing(): efficiency and per-trial overhead
+
+    def timing_line(self) -> str | None:
+        """The sweep's efficiency and per-trial overhead in a sentence (None for sweeps that
+        predate these figures)."""
+        t = self.timing
+        if not t or t.get("efficiency") is None:
+            return None
+        runs = f"{t['runs']} runs of the sweep" if t["runs"] > 1 else "Tune's wall"
+        line = (f"Sweep efficiency {t['efficiency']:.2f}: {t['train_s']:.0f} s of epochs on {t['cores']:g} cores "
+                f"in {t['wall_s']:.0f} s ({runs})")
+        if t.get("trial_overhead_median_s") is not None:
+            line += (f"; per-trial overhead (all but epochs) {t['trial_overhead_median_s']:.1f} s median "
+                     f"over {t['trials_timed']} trials")
+        return line + "."
 
     def published_value(self, group: str) -> float | None:
         """The published figure of a group: keyed by the group (``dtp/mnist``), else by its rule."""
@@ -88,6 +103,9 @@ class Comparison:
         if pub:
             lines.append(f"\nPublished figures: {pub['source']}. Test error is read at each trial's epoch of best "
                          "validation accuracy.")
+        timing = self.timing_line()
+        if timing:
+            lines.append(f"\n{timing}")
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -113,6 +131,52 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+# A sweep's timing, on its parent run: one value per run of the sweep (step 1, 2, ... when it was
+# resumed), per-trial overheads at step run * TRIAL_STEP + n. Written by worker.sweep (log_timing).
+TIMING_PREFIX = "sweep/"
+TIMING_METRICS = ("wall_s", "cores", "train_s", "efficiency", "trial_overhead_median_s")
+TRIAL_OVERHEAD = TIMING_PREFIX + "trial_overhead_s"
+TRIAL_STEP = 100_000
+
+
+def log_timing(c: MlflowClient, parent_run_id: str, summary: dict[str, Any]) -> None:
+    """Log one run of a sweep's timing (worker.sweep.TrialTimer.summary) on its parent run."""
+    import time
+
+    from mlflow.entities import Metric
+
+    attempt = len(c.get_metric_history(parent_run_id, TIMING_PREFIX + "wall_s")) + 1
+    ts = int(time.time() * 1000)
+    ms = [Metric(TIMING_PREFIX + k, float(summary[k]), ts, attempt) for k in TIMING_METRICS
+          if isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k])]
+    ms += [Metric(TRIAL_OVERHEAD, float(v), ts, attempt * TRIAL_STEP + n)
+           for n, v in enumerate(summary.get("trial_overhead_s", []))]
+    for i in range(0, len(ms), 500):
+        c.log_batch(parent_run_id, metrics=ms[i : i + 500])
+
+
+def sweep_timing(c: MlflowClient, parent_run_id: str) -> dict[str, Any] | None:
+    """Efficiency (epoch seconds over cores x Tune's wall seconds, over every run of the sweep) and
+    the median per-trial overhead (everything but epochs); None if the sweep did not log them."""
+    hist = {k: {m.step: m.value for m in c.get_metric_history(parent_run_id, TIMING_PREFIX + k)}
+            for k in ("wall_s", "cores", "train_s")}
+    walls = hist["wall_s"]
+    if not walls:
+        return None
+    capacity = sum(w * hist["cores"].get(step, 0.0) for step, w in walls.items())
+    train = sum(hist["train_s"].values())
+    overheads = [m.value for m in c.get_metric_history(parent_run_id, TRIAL_OVERHEAD)]
+    return {
+        "runs": len(walls),
+        "wall_s": sum(walls.values()),
+        "cores": max(hist["cores"].values(), default=0.0),
+        "train_s": train,
+        "efficiency": train / capacity if capacity > 0 else None,
+        "trials_timed": len(overheads),
+        "trial_overhead_median_s": statistics.median(overheads) if overheads else None,
+    }
 
 
 def child_runs(c: MlflowClient, exp_id: str, parent_run_id: str):
@@ -141,6 +205,7 @@ def compare(c: MlflowClient, exp_id: str, parent_run_id: str, metric: str = "val
     group_by = [g for g in (group_by or []) if g != "rule"]
     swept = [p for p in (swept or []) if p != "rule" and p not in group_by]
     cmp = Comparison(metric, mode, published, group_by=group_by)
+    cmp.timing = sweep_timing(c, parent_run_id)
     for run in child_runs(c, exp_id, parent_run_id):
         p, t, m = run.data.params, run.data.tags, dict(run.data.metrics)
         seconds = _history(c, run.info.run_id, "seconds_per_epoch")

@@ -4,8 +4,10 @@ cluster; calling it again with the same storage resumes an interrupted sweep."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +64,7 @@ class SweepResult:
     storage_path: str
     seconds: float
     progress: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)  # TrialTimer.summary() of this run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,11 +121,73 @@ def _init_ray(num_cpus: int | None = None, attempts: int = 3, first_delay_s: flo
         time.sleep(delay)
 
 
+class TrialTimer:
+    """Where a sweep's trial slots spend their time, seen from the driver.
+
+    ``slots`` trials run at once. A trial takes the slot freed longest ago (at the start, all are
+    free from when Tune started); its *span* runs from then until Tune has its last result, and
+    its *overhead* is the span less the epoch seconds it reported (``trained_s`` of its results):
+    starting or resetting its process, imports, data, MLflow, checkpoints, Tune's scheduling. A
+    trial retried after a failure counts once per attempt. Work a trial leaves to a background
+    thread (its model) is no trial's overhead; it runs beside the next trial's epochs.
+    Efficiency: epoch seconds over slots x cores per trial x wall seconds."""
+
+    def __init__(self, slots: int, cpus_per_trial: float, start: float | None = None):
+        self.start = time.time() if start is None else start
+        self.cores = slots * cpus_per_trial
+        self.free = [self.start] * max(1, slots)
+        self.busy: dict[str, tuple[int, float]] = {}  # trial id -> (slot, its span's start)
+        self.trained: dict[str, float] = {}
+        self.segments: list[dict[str, Any]] = []
+        self.end: float | None = None
+
+    def started(self, trial_id: str) -> None:
+        if trial_id in self.busy:
+            return
+        i = min(range(len(self.free)), key=self.free.__getitem__)
+        if math.isinf(self.free[i]):  # more trials than slots: should not happen
+            self.free.append(self.start)
+            i = len(self.free) - 1
+        self.busy[trial_id] = (i, self.free[i])
+        self.free[i] = math.inf
+        self.trained[trial_id] = 0.0
+
+    def result(self, trial_id: str, trained_s: Any) -> None:
+        if trial_id in self.trained and isinstance(trained_s, (int, float)) and math.isfinite(trained_s):
+            self.trained[trial_id] += float(trained_s)
+
+    def ended(self, trial_id: str, now: float | None = None) -> None:
+        got = self.busy.pop(trial_id, None)
+        if got is None:
+            return
+        now = time.time() if now is None else now
+        i, since = got
+        trained = self.trained.pop(trial_id, 0.0)
+        self.segments.append({"trial_id": trial_id, "span_s": now - since, "train_s": trained,
+                              "overhead_s": now - since - trained})
+        self.free[i] = now
+
+    def summary(self, end: float | None = None) -> dict[str, Any]:
+        end = self.end if end is None else end
+        wall = (time.time() if end is None else end) - self.start
+        train = sum(seg["train_s"] for seg in self.segments) + sum(self.trained.values())
+        overheads = [seg["overhead_s"] for seg in self.segments]
+        return {
+            "wall_s": wall,
+            "cores": self.cores,
+            "train_s": train,
+            "efficiency": train / (self.cores * wall) if wall > 0 and self.cores else None,
+            "trials_timed": len(overheads),
+            "trial_overhead_median_s": statistics.median(overheads) if overheads else None,
+            "trial_overhead_s": overheads,
+        }
+
+
 # Tune pickles its run config (callbacks included); listeners such as a live display cannot be
 # pickled, so the callback (a module-level class, pickled by reference) refers to them by key.
 # The key is the sweep id: a resumed sweep runs with the callback pickled by its first run, which
 # must find the progress and listener of the run_sweep call now running.
-_LISTENERS: dict[str, tuple[Progress, Callable[[Progress], None] | None]] = {}
+_LISTENERS: dict[str, tuple] = {}  # sweep id -> (Progress, listener or None, TrialTimer or None)
 
 
 class _ProgressCallback(Callback):
@@ -141,6 +206,16 @@ class _ProgressCallback(Callback):
             # run_sweep call in this process is the one resuming it.
             entry = next(iter(_LISTENERS.values()))
         return entry
+
+    @property
+    def timer(self) -> "TrialTimer | None":
+        entry = self._entry()
+        return entry[2] if entry is not None and len(entry) > 2 else None
+
+    def _time(self, what: str, trial, *args) -> None:
+        timer = self.timer
+        if timer is not None and trial is not None:
+            getattr(timer, what)(trial.trial_id, *args)
 
     @property
     def progress(self) -> Progress:
@@ -162,6 +237,9 @@ class _ProgressCallback(Callback):
             listener(p)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        from worker.trainable import TRAINED_KEY
+
+        self._time("result", trial, result.get(TRAINED_KEY))
         self.progress.epochs_reported += 1
         rule, value = result.get("rule"), result.get(self.metric)
         if rule is not None and isinstance(value, (int, float)):
@@ -171,15 +249,21 @@ class _ProgressCallback(Callback):
         self._update(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._time("started", trial)
         self._update(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._time("ended", trial)
         self.progress.completed_ids.add(trial.trial_id)
         self._update(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._time("ended", trial)
         self.progress.errored_ids.add(trial.trial_id)
         self._update(trials)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._time("ended", trial)  # failed; it will be retried
 
 
 class _PruneCheckpoints(Callback):
@@ -194,9 +278,22 @@ class _PruneCheckpoints(Callback):
         prune_checkpoints(checkpoint)
 
 
-def _progress_callback(progress: Progress, metric: str, mode: str, on_progress, key: str):
-    _LISTENERS[key] = (progress, on_progress)
+def _progress_callback(progress: Progress, metric: str, mode: str, on_progress, key: str,
+                       timer: TrialTimer | None = None):
+    _LISTENERS[key] = (progress, on_progress, timer)
     return _ProgressCallback(metric, mode, key)
+
+
+def _slots(spec: SweepSpec) -> int:
+    """How many trials of ``spec`` run at once on this Ray cluster."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    per = spec.resources.cpus_per_trial or 1
+    slots = max(1, int(cpus // per)) if per else 1
+    if spec.search.max_concurrent_trials:
+        slots = min(slots, spec.search.max_concurrent_trials)
+    return min(slots, spec.n_trials())
 
 
 def storage_root(storage_path: str | None = None) -> str:
@@ -223,7 +320,7 @@ def run_sweep(
     ``on_start(experiment_id, parent_run_id)`` is called once the parent run exists."""
     from ray import tune
 
-    from worker.report import compare_sweep, publish
+    from worker.report import compare_sweep, log_timing, publish
     from worker.search_space import to_param_space, to_scheduler, to_search_alg
     from worker.trainable import TrialContext, run_trial
 
@@ -245,12 +342,14 @@ def run_sweep(
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     param_space = to_param_space(spec)
     progress = Progress(total=spec.n_trials(), pending=spec.n_trials())
+    timer = TrialTimer(_slots(spec), spec.resources.cpus_per_trial or 1)
     run_config = tune.RunConfig(
         name=sweep_id,
         storage_path=root,
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # pruned by _PruneCheckpoints
-        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress, sweep_id),
+        callbacks=[_progress_callback(progress, spec.search.metric, spec.search.mode, on_progress, sweep_id,
+                                      timer),
                    _PruneCheckpoints()],
         verbose=0,
     )
@@ -270,18 +369,24 @@ def run_sweep(
                 search_alg=to_search_alg(spec),
                 scheduler=to_scheduler(spec),
                 time_budget_s=spec.search.time_budget_s,
-                reuse_actors=False,
+                # One process runs trial after trial (run_trial keeps nothing of a trial but its
+                # dataset and its queued epilogue; tests/test_reuse.py), so a process start and
+                # its imports are paid once per slot, not per trial.
+                reuse_actors=True,
             ),
             run_config=run_config,
         )
     # Tune prints its own banners to stdout; keep stdout for the caller's --json.
+    timer.start = time.time()
+    timer.free = [timer.start] * len(timer.free)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             results = tuner.fit()
     finally:
+        timer.end = time.time()
         _LISTENERS.pop(sweep_id, None)
 
-    trial_status = _reconcile(c, exp_id, sweep_id, results, progress)
+    trial_status = _reconcile(c, exp_id, sweep_id, results, progress, ctx)
     unfinished = sum(v for k, v in trial_status.items() if k in UNFINISHED)
     if unfinished:
         state = RunOutcome.INTERRUPTED
@@ -289,10 +394,16 @@ def run_sweep(
         state = RunOutcome.FAILED
     else:
         state = RunOutcome.SUCCEEDED
+    timing = timer.summary()
+    try:
+        log_timing(c, parent_id, timing)
+    except Exception as e:  # noqa: BLE001  figures about the sweep, not its results
+        print(f"worker.sweep: could not log the sweep's timing: {e}", file=sys.stderr, flush=True)
     cmp = compare_sweep(c, exp_id, parent_id, spec)
     artifacts = [str(p) for p in publish(c, parent_id, cmp, Path(exp_path) / "comparison")]
     for k, v in trial_status.items():
         c.log_metric(parent_id, f"trials/{k}", v)
+    timing["run_wall_s"] = time.time() - t0
     c.set_tag(parent_id, tracking.TAG_SWEEP_STATE, state)
     c.set_terminated(parent_id, {RunOutcome.SUCCEEDED: "FINISHED", RunOutcome.FAILED: "FAILED"}.get(state, "KILLED"))
     return SweepResult(
@@ -300,13 +411,18 @@ def run_sweep(
         cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
         {**progress.as_dict(), "done": sum(trial_status.get(k, 0) for k in DONE),
          "running": 0, "pending": unfinished},
+        {k: v for k, v in timing.items() if k != "trial_overhead_s"},
     )
 
 
-def _reconcile(c, exp_id: str, sweep_id: str, results, progress: Progress) -> dict[str, int]:
+def _reconcile(c, exp_id: str, sweep_id: str, results, progress: Progress, ctx=None) -> dict[str, int]:
     """Give every trial's child run its final status, also for trials that could not say it
-    themselves (stopped early by ASHA, or out of retries). Trials neither finished nor failed are
-    'running' or 'pending': the sweep was interrupted and can be resumed."""
+    themselves (stopped early by ASHA, or out of retries, or whose process died while logging
+    its model after its last report: settled here from its last checkpoint). Trials neither
+    finished nor failed are 'running' or 'pending': the sweep was interrupted and can be
+    resumed."""
+    from tp_engine.status import SETTLED
+
     counts: dict[str, int] = {}
     S = TrialStatus
     for r in results:
@@ -326,9 +442,26 @@ def _reconcile(c, exp_id: str, sweep_id: str, results, progress: Progress) -> di
         else:
             status = S.RUNNING if reported else S.PENDING
         counts[status] = counts.get(status, 0) + 1
+        if run is not None and status in (S.COMPLETED, S.DIVERGED) and tagged not in SETTLED and ctx is not None:
+            _settle(c, ctx, r, run.info.run_id, trial_id)
         if run is not None and status in (S.FAILED, S.EARLY_STOPPED) and tagged != status:
             c.set_tag(run.info.run_id, tracking.TAG_STATUS, status)
             c.set_terminated(run.info.run_id, "FAILED" if status == S.FAILED else "FINISHED")
         elif run is not None and status in UNFINISHED:
             c.set_terminated(run.info.run_id, "KILLED")
     return counts
+
+
+def _settle(c, ctx, result, run_id: str, trial_id: str) -> None:
+    """A finished trial whose run its process did not get to settle (see run_trial)."""
+    from worker.trainable import finish_from_checkpoint
+
+    try:
+        if finish_from_checkpoint(c, ctx, dict(result.config or {}), run_id, result.checkpoint):
+            print(f"worker.sweep: trial {trial_id}: its process ended before logging its model; "
+                  "logged it from the trial's last checkpoint", file=sys.stderr, flush=True)
+            return
+        why = "no checkpoint to rebuild its model from"
+    except Exception as e:  # noqa: BLE001
+        why = f"{type(e).__name__}: {e}"
+    print(f"worker.sweep: trial {trial_id}: its run could not be settled ({why})", file=sys.stderr, flush=True)

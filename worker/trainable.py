@@ -3,17 +3,25 @@ epoch to Tune (with a checkpoint) and to the trial's own MLflow child run."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 # A test hook: when set to a path, the trial raises once at epoch 2 (creating the path), so the
 # retry-from-checkpoint path can be exercised on a real cluster.
 FAIL_ONCE_ENV = "TP_FAIL_ONCE_MARKER"
+# A test hook: when set to a path that exists, a trial's background epilogue fails before logging
+# anything, as if its process had died after its last report (the driver must settle the run).
+EPILOGUE_FAIL_ENV = "TP_EPILOGUE_FAIL_MARKER"
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,6 @@ def prune_checkpoints(ckpt) -> None:
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
-    from tp_engine.data import load_dataset
     from tp_engine.status import SETTLED, TrialStatus
     from tp_engine.train import train
     from worker import tracking
@@ -137,7 +144,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     c = tracking.client(ctx.tracking_uri)
     tags = {tracking.TAG_RULE: cfg.rule, tracking.TAG_BACKEND: cfg.backend, tracking.TAG_SEED: str(cfg.seed),
             tracking.TAG_CONFIG_HASH: cfg.config_hash(), tracking.TAG_DATASET: cfg.dataset,
-            **tracking.machine_tags()}
+            **tracking.machine_tags(), PROCESS_TAG: process_name()}
     name = f"{cfg.rule}-s{cfg.seed}-{trial_id[-5:]}"
     prior = tracking.find_run(c, ctx.experiment_id, **{tracking.TAG_SWEEP: ctx.sweep_id, tracking.TAG_TRIAL: trial_id})
     settled = prior.data.tags.get(tracking.TAG_STATUS) if prior is not None else None
@@ -147,7 +154,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         if prior.info.status != "FINISHED":
             c.set_terminated(prior.info.run_id, "FINISHED")
         last = {k: v for k, v in prior.data.metrics.items() if not k.startswith("final/")}
-        tune.report({**last, "epoch": prior.data.metrics.get("final/epochs", 0), "status": settled, "rule": cfg.rule})
+        tune.report({**last, "epoch": prior.data.metrics.get("final/epochs", 0), "status": settled, "rule": cfg.rule,
+                     TRAINED_KEY: 0.0})
         return
     run_id, created = tracking.child_run(c, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
                                          tags, cfg.flat(), name)
@@ -159,10 +167,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     start_epoch = int(meta["epoch"]) if meta else 0
     history = meta["history"] if meta else []
 
-    from worker.paths import cache_dir
-
-    ds = load_dataset(cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path,
-                      cache_dir=str(cache_dir()))
+    ds = trial_dataset(cfg)
 
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
         epoch = int(m["epoch"])
@@ -178,31 +183,185 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             # and ASHA always does at max_t (the last epoch).
             last_epoch["m"], last_epoch["st"] = m, st
             return
-        report(m, TrialStatus.RUNNING, st, epoch)
+        report(m, TrialStatus.RUNNING, st, epoch, m["seconds_per_epoch"])
 
-    def report(m: dict[str, float], status: str, st: dict[str, np.ndarray] | None = None, epoch: int = 0) -> None:
+    def report(m: dict[str, float], status: str, st: dict[str, np.ndarray] | None = None, epoch: int = 0,
+               trained_s: float = 0.0) -> None:
+        # TRAINED_KEY: the epoch seconds trained in this process since the last report (the
+        # driver's per-trial overhead is a trial's time less these).
+        out = {**m, "status": status, "rule": cfg.rule, TRAINED_KEY: trained_s}
         if st is None:
-            tune.report({**m, "status": status, "rule": cfg.rule})
+            tune.report(out)
             return
         with tempfile.TemporaryDirectory() as d:
             _save_checkpoint(Path(d), {"epoch": epoch, "history": history, "run_id": run_id}, st)
-            tune.report({**m, "status": status, "rule": cfg.rule}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
 
     last_epoch: dict[str, Any] = {}
     res = train(cfg, on_epoch, data=ds, resume=state, start_epoch=start_epoch, history=list(history))
+    if last_epoch:
+        # The usual end: the epoch's checkpoint goes with the last report, so the model can always
+        # be rebuilt from it. The model and the rest of the run's epilogue are logged behind the
+        # next trial of this process (the trial's run is settled, status tag last, only once they
+        # are in; a process that dies first leaves that to the driver: see finish_from_checkpoint).
+        EPILOGUES.submit(_background_epilogue, c, ctx.experiment_id, run_id, res, _slim(ds), cfg, created)
+        report(last_epoch["m"], res.status, last_epoch["st"], int(last_epoch["m"]["epoch"]),
+               last_epoch["m"]["seconds_per_epoch"])
+    else:
+        # Diverged, or resumed from the checkpoint of its last epoch: no checkpoint goes with the
+        # last report, so the run is settled before it.
+        _epilogue(c, ctx.experiment_id, run_id, res, ds, cfg, created)
+        report(res.history[-1] if res.history else {}, res.status)
+
+
+def _epilogue(c, experiment_id: str, run_id: str, res, ds, cfg, created: bool) -> None:
+    """Settle a trial's run: final metrics, the model and summary, then FINISHED and the status
+    tag, last (a run tagged settled has its model)."""
+    from worker import tracking
+
     s = res.summary
     final = {f"final/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(c, run_id, final, step=len(res.history))
     # A resumed attempt keeps a model an attempt killed during this epilogue already logged (the
     # same weights: the rerun epochs are deterministic) instead of logging a second one.
-    _log_artifacts(c, run_id, res, ds, cfg, with_model=created or not _has_model(ctx.experiment_id, run_id))
+    _log_artifacts(c, run_id, res, ds, cfg, with_model=created or not _has_model(experiment_id, run_id))
     c.set_terminated(run_id, "FINISHED")
     c.set_tag(run_id, tracking.TAG_STATUS, res.status)
-    # The trial's last act: after this report Tune may stop it.
-    if last_epoch:
-        report(last_epoch["m"], res.status, last_epoch["st"], int(last_epoch["m"]["epoch"]))
-    else:  # diverged, or resumed from the checkpoint of its last epoch
-        report(res.history[-1] if res.history else {}, res.status)
+
+
+def _background_epilogue(*args) -> None:
+    marker = os.environ.get(EPILOGUE_FAIL_ENV)
+    if marker and os.path.exists(marker):
+        raise RuntimeError(f"injected epilogue failure ({EPILOGUE_FAIL_ENV})")
+    _epilogue(*args)
+
+
+def finish_from_checkpoint(c, ctx: TrialContext, params: dict[str, Any], run_id: str, checkpoint) -> bool:
+    """Settle the run of a trial Tune saw finish but whose process died before its epilogue was
+    logged (see run_trial): the model is rebuilt from the trial's last checkpoint (that of its
+    last epoch: no epoch is trained again) and logged with the rest. False if there is no
+    checkpoint to rebuild it from."""
+    from tp_engine.train import train
+    from worker.spec import SweepSpec
+
+    if checkpoint is None:
+        return False
+    got = _read_checkpoint(checkpoint) or _newest_whole_checkpoint(checkpoint)
+    if got is None:
+        return False
+    meta, state = got
+    cfg = SweepSpec.model_validate(ctx.spec).trial_config(dict(params))
+    ds = trial_dataset(cfg)
+    res = train(cfg, data=ds, resume=state, start_epoch=int(meta["epoch"]), history=list(meta["history"]))
+    _epilogue(c, ctx.experiment_id, run_id, res, ds, cfg, created=False)
+    return True
+
+
+# ---- what a trial process keeps between the trials it runs (Tune's reuse_actors) ---------------
+#
+# Only what cannot change a result: datasets as loaded (each trial gets its own copy), and the
+# epilogues still being logged for trials already reported. Everything a trial trains with is
+# made afresh in run_trial.
+
+TRAINED_KEY = "trained_s"
+PROCESS_TAG = "tp.process"  # host:pid of the trial's process (several trials share one)
+_DATASETS: OrderedDict[tuple, Any] = OrderedDict()
+_DATASETS_KEPT = 3  # e.g. one per seed of a sweep; MNIST at 20k rows is about 125 MB each
+
+
+def process_name() -> str:
+    import platform
+
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def trial_dataset(cfg):
+    """``load_dataset`` for the trial's config, loaded once per process: each call gets its own
+    copy of the arrays, so nothing a trial does to them reaches the next trial."""
+    from tp_engine.data import load_dataset
+    from worker.paths import cache_dir
+
+    key = (cfg.dataset, cfg.seed, cfg.subset, cfg.whiten, cfg.data_path, str(cache_dir()))
+    ds = _DATASETS.get(key)
+    if ds is None:
+        ds = load_dataset(cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path,
+                          cache_dir=str(cache_dir()))
+        _DATASETS[key] = ds
+        while len(_DATASETS) > _DATASETS_KEPT:
+            _DATASETS.popitem(last=False)
+    else:
+        _DATASETS.move_to_end(key)
+    import copy
+
+    arrays = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
+    return replace(ds, **{k: getattr(ds, k).copy() for k in arrays}, whitening=copy.deepcopy(ds.whitening))
+
+
+def _slim(ds):
+    """What an epilogue needs of a dataset (a few test rows to draw and to sign the model with),
+    so a queued epilogue does not hold a whole copy while the next trial loads its own."""
+    empty = {k: getattr(ds, k)[:0] for k in ("x_train", "y_train", "x_valid", "y_valid")}
+    return replace(ds, **empty, x_test=ds.x_test[:8].copy(), y_test=ds.y_test[:8].copy())
+
+
+class _Epilogues:
+    """One background thread per process that logs finished trials' epilogues, in order."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="tp-epilogues", daemon=True)
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001  the run stays unsettled; the driver settles it
+                logging.getLogger(__name__).warning("a trial's epilogue failed", exc_info=True)
+            finally:
+                self._queue.task_done()
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for every epilogue submitted so far; False if some are left after ``timeout``."""
+        done = self._queue.all_tasks_done
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                done.wait(left)
+        return True
+
+
+EPILOGUES = _Epilogues()
+DRAIN_S = 120.0
+
+
+class FinishEpilogues:
+    """Mixed into the Tune trainable of run_trial: a trial process being stopped (the sweep is
+    ending, or Tune drops it) first logs what its trials left queued. Tune kills a process that
+    takes too long; the driver then settles those trials from their checkpoints."""
+
+    def cleanup(self):
+        try:
+            EPILOGUES.drain(DRAIN_S)
+        finally:
+            super().cleanup()
+
+
+run_trial.__mixins__ = (FinishEpilogues,)
 
 
 def _has_model(experiment_id: str, run_id: str) -> bool:
@@ -224,7 +383,11 @@ def _log_artifacts(c, run_id: str, res, ds, cfg, with_model: bool = True) -> Non
             log_model(res.model, Path(d), ds.x_test[:5])
         mlflow.log_dict(res.summary, "summary.json")
         if cfg.mode == "autoencoder" and ds.image_shape is not None:
-            mlflow.log_figure(reconstruction_grid(res.model, ds), "reconstructions.png")
+            import matplotlib.pyplot as plt
+
+            fig = reconstruction_grid(res.model, ds)
+            mlflow.log_figure(fig, "reconstructions.png")
+            plt.close(fig)
 
 
 def reconstruction_grid(model, ds, n: int = 8):
