@@ -575,12 +575,15 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
         assert r.data.tags["status"] == "completed" and r.info.status == "FINISHED"
         steps = sorted(m.step for m in c.get_metric_history(r.info.run_id, "valid_accuracy"))
         assert steps == list(range(1, epochs + 1)), (r.data.tags["trial_id"], steps)
-    # Retried trials went on from a checkpoint: no trial reported its first epoch twice.
+    # Retried trials went on from a checkpoint: no trial reported an epoch twice to Tune either.
+    # (result.json may hold only what came after the head's restart: the driver's staging copy of
+    # the earlier lines went with the dead head's session, so it is not checked for completeness;
+    # MLflow's histories above are.)
     results = list((Path(cluster.data_dir) / "tune" / sweep_id).glob("run_trial_*/result.json"))
     assert len(results) == 4, results
     for result in results:
         reported = [json.loads(line).get("epoch") for line in result.read_text().splitlines() if line.strip()]
-        assert reported.count(1) == 1, (result.parent.name, reported)
+        assert reported and len(reported) == len(set(reported)), (result.parent.name, reported)
 
 
 def timed_up(cluster: Cluster) -> float:
