@@ -40,6 +40,15 @@ Every tick (``poll_interval`` seconds, or at once when woken by the API):
    ``sweeps_dir/<id>/spec.yaml`` and the job ``python -m worker.job <id>`` is submitted with
    ``submission_id`` as above. A submission id that already exists is adopted, not an error.
 
+   A submission that fails because the cluster is not ready (``cluster_not_ready``: the Jobs API
+   cannot be reached, answers 502/503/504, or a head that has just (re)started answers 500 "No
+   available agent to submit job" while its job agent registers) created no job: the sweep stays
+   RUNNING on the same attempt and the same submission id is submitted again after a backoff
+   (``not_ready_backoff``: 1 s doubling to 30 s), with a log line each time. Such waits never use
+   up an attempt. ``job.json`` is written once Ray has taken the job, so a dispatcher restarted
+   meanwhile sees that the current attempt never reached Ray (its job.json names an earlier
+   submission, or there is none) and submits it again instead of counting a lost job.
+
 Ray's Jobs API is reached at ``settings.ray_address`` (``RAY_ADDRESS``, e.g.
 http://127.0.0.1:8265). Ray 2.60 clusters use token auth: this process needs ``RAY_AUTH_MODE=token``
 and the cluster's token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``).
@@ -67,7 +76,7 @@ log = logging.getLogger("service.dispatcher")
 
 ENTRYPOINT = "python -m worker.job {sweep_id}"
 # Variables of the service's environment passed on to the job when set (trials inherit them).
-PASS_THROUGH_ENV = ("TP_FAIL_ONCE_MARKER", "TF_CPP_MIN_LOG_LEVEL")
+PASS_THROUGH_ENV = ("TP_FAIL_ONCE_MARKER", "TF_CPP_MIN_LOG_LEVEL", "TP_MLFLOW_OUTAGE_LIMIT_S")
 # Ray job error types that say the job was lost rather than that the sweep failed: resubmitted.
 INFRA_ERRORS = frozenset({"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"})
 
@@ -86,6 +95,42 @@ class RayUnavailable(Exception):
     """The Jobs API could not be reached (or refused us); nothing was changed."""
 
 
+class ClusterNotReady(RayUnavailable):
+    """A submission found the cluster not ready; no job was made. The sweep waits (logged)."""
+
+
+# Ray's answers while a (re)started head is not yet ready for jobs (no job is made).
+NOT_READY_MARKERS = ("no available agent", "not ready", "please try again later", "failed to connect to ray",
+                     "connection refused", "max retries exceeded", "connection aborted", "remotedisconnected",
+                     "failed to establish a new connection")
+NOT_READY_BACKOFF = (1.0, 30.0)  # seconds: first wait, longest wait
+
+
+def cluster_not_ready(e: BaseException) -> bool:
+    """True if a failed submit_job says the cluster is not (yet) able to take jobs, so no job was
+    made: a connection error, HTTP 502/503/504, or an HTTP 500 whose message says so (a new
+    head's "No available agent to submit job, please try again later")."""
+    import requests
+
+    if isinstance(e, RayUnavailable) and not isinstance(e, ClusterNotReady):
+        return True  # raised by client(): the Jobs API could not be reached at all
+    if isinstance(e, (requests.exceptions.ConnectionError, ConnectionError)):
+        return True
+    code = _status_code(e)
+    text = str(e).lower()
+    if code in (502, 503, 504):
+        return True
+    if code is not None and code != 500:
+        return False
+    return any(m in text for m in NOT_READY_MARKERS)
+
+
+def not_ready_backoff(waits: int) -> float:
+    """Seconds before the submission after the ``waits``-th not-ready answer (1, 2, 4, ..., 30)."""
+    first, longest = NOT_READY_BACKOFF
+    return min(longest, first * 2 ** max(0, waits - 1))
+
+
 @dataclass
 class _Follow:
     """What this process remembers about one running sweep (lost on restart, which is fine)."""
@@ -93,6 +138,9 @@ class _Follow:
     submission_id: str
     stop_sent_at: float | None = None
     stopped_seen_at: float | None = None
+    # Not yet taken by Ray (the cluster was not ready): when to submit again, and how many waits.
+    submit_at: float | None = None
+    not_ready: int = 0
 
 
 class Dispatcher:
@@ -158,6 +206,8 @@ class Dispatcher:
                 if msg != self._last_error:
                     log.warning("dispatcher tick failed (retrying every %.1fs): %s", self.poll_interval, msg)
                     self._last_error = msg
+            except ClusterNotReady:
+                self._client = None  # launch() said it; a new head wants a new client
             except Exception as e:  # keep the loop alive whatever happens; say it once
                 msg = f"{type(e).__name__}: {e}"
                 if msg != self._last_error:
@@ -242,11 +292,12 @@ class Dispatcher:
             self.launch(rec)
 
     def launch(self, rec: SweepRecord) -> None:
-        """Write the spec and submit (or adopt) the Ray Job of ``rec``'s current attempt."""
+        """Write the spec and submit (or adopt) the Ray Job of ``rec``'s current attempt. If the
+        cluster is not ready, the sweep stays RUNNING on this attempt and ``poll`` submits it again
+        after a backoff (raises ClusterNotReady, so this tick claims nothing more)."""
         sub_id = submission_id(rec.id, rec.attempts)
         folder = SweepFolder(self.settings.data_dir, rec.id)
         folder.write_spec(rec.spec_yaml)
-        folder.write_job(sub_id, rec.attempts, self.settings.ray_address)
         try:
             self.client().submit_job(
                 entrypoint=ENTRYPOINT.format(sweep_id=rec.id),
@@ -255,26 +306,39 @@ class Dispatcher:
                 metadata={"sweep_id": rec.id, "attempt": str(rec.attempts), "name": rec.name[:200]},
             )
             log.info("%s: submitted Ray job %s (attempt %d)", rec.id, sub_id, rec.attempts)
-        except RuntimeError as e:
-            code = _status_code(e)
-            if "already exists" in str(e):
+        except Exception as e:
+            if isinstance(e, RuntimeError) and "already exists" in str(e):
                 log.info("%s: Ray job %s already exists: adopting it", rec.id, sub_id)
-            elif code is not None and 400 <= code < 500 and code not in (401, 403, 408, 429):
-                # Ray refused this job (bad request): retrying would not help.
-                log.error("%s: Ray refused job %s: %s", rec.id, sub_id, _one_line(e))
-                self._finish(rec, SweepState.FAILED, f"Ray refused the job {sub_id}: {_one_line(e)}")
-                return
-            else:
-                # 5xx, auth, timeouts: the cluster (or our access to it) is unwell; retry later.
+            elif cluster_not_ready(e):
+                self._wait_for_cluster(rec, sub_id, e)
+            elif isinstance(e, RuntimeError):
+                code = _status_code(e)
+                if code is not None and 400 <= code < 500 and code not in (401, 403, 408, 429):
+                    # Ray refused this job (bad request): retrying would not help.
+                    log.error("%s: Ray refused job %s: %s", rec.id, sub_id, _one_line(e))
+                    self._finish(rec, SweepState.FAILED, f"Ray refused the job {sub_id}: {_one_line(e)}")
+                    return
+                # Other 5xx, auth, timeouts: the cluster (or our access to it) is unwell; retry later.
                 self._requeue(rec, f"submit {sub_id}: {_one_line(e)}")
                 raise RayUnavailable(f"submit_job({sub_id}): {_one_line(e)}{_auth_hint(e)}") from None
-        except RayUnavailable:
-            self._requeue(rec, "Ray unavailable")
-            raise
-        except Exception as e:
-            self._requeue(rec, f"submit {sub_id}: {_one_line(e)}")
-            raise RayUnavailable(f"submit_job({sub_id}): {_one_line(e)}") from None
+            else:
+                self._requeue(rec, f"submit {sub_id}: {_one_line(e)}")
+                raise RayUnavailable(f"submit_job({sub_id}): {_one_line(e)}") from None
+        folder.write_job(sub_id, rec.attempts, self.settings.ray_address)  # Ray has it now
         self._follow[rec.id] = _Follow(sub_id)
+
+    def _wait_for_cluster(self, rec: SweepRecord, sub_id: str, e: BaseException) -> None:
+        """The cluster is not ready: keep the sweep RUNNING on this attempt, submit again later."""
+        follow = self._follow.get(rec.id)
+        if follow is None or follow.submission_id != sub_id:
+            follow = self._follow[rec.id] = _Follow(sub_id)
+        follow.not_ready += 1
+        wait = not_ready_backoff(follow.not_ready)
+        follow.submit_at = time.monotonic() + wait
+        log.warning("%s: Ray cluster not ready for job %s (%s); submitting it again in %.0fs "
+                    "(wait %d; attempt %d of %d, not used up by waiting)", rec.id, sub_id, _one_line(e), wait,
+                    follow.not_ready, rec.attempts, self.max_attempts)
+        raise ClusterNotReady(f"submit_job({sub_id}): {_one_line(e)}")
 
     def poll(self, rec: SweepRecord) -> None:
         """Follow one RUNNING sweep (also: reconcile it after a restart)."""
@@ -283,8 +347,24 @@ class Dispatcher:
         if follow is None or follow.submission_id != sub_id:
             follow = self._follow[rec.id] = _Follow(sub_id)
         self._sync_files(rec)
+        if follow.submit_at is not None:  # waiting for the cluster to take this attempt's job
+            if rec.cancel_requested:
+                self._finish(rec, SweepState.CANCELLED, None)
+            elif time.monotonic() >= follow.submit_at:
+                self.launch(rec)
+            return
         info = self._job_info(sub_id)
         if info is None:
+            if not self._reached_ray(rec, sub_id):
+                # This attempt was never taken by Ray (a dispatcher restarted while the cluster
+                # was not ready): submit it now; no attempt is lost.
+                log.info("%s: Ray job %s was never submitted: submitting it (attempt %d)", rec.id, sub_id,
+                         rec.attempts)
+                if rec.cancel_requested:
+                    self._finish(rec, SweepState.CANCELLED, None)
+                else:
+                    self.launch(rec)
+                return
             self._resubmit(rec, f"Ray job {sub_id} does not exist (new cluster?)")
             return
         status = str(getattr(info.status, "value", info.status))
@@ -322,6 +402,13 @@ class Dispatcher:
             log.warning("%s: Ray job %s has unknown status %s", rec.id, sub_id, status)
 
     # ---- helpers -------------------------------------------------------------------------
+
+    def _reached_ray(self, rec: SweepRecord, sub_id: str) -> bool:
+        """Did Ray ever take ``sub_id``? job.json is written once it has (see launch)."""
+        from worker.lifecycle import JOB, read_json
+
+        job = read_json(SweepFolder(self.settings.data_dir, rec.id).path / JOB) or {}
+        return job.get("submission_id") == sub_id
 
     def _sync_files(self, rec: SweepRecord) -> SweepRecord:
         """Copy the job's started.json / progress.json into the queue when they changed."""
