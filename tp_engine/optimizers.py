@@ -113,11 +113,18 @@ class Optimizer:
         }
         self.t = B.variable(np.zeros((), np.float32))
         self.hp = {**cfg.model_dump(), "eps": self.eps}
+        # A backend may step every parameter at once (NumPy: FusedOptimizer); optional, so a
+        # backend without it goes through optimizer_step one parameter at a time.
+        make = getattr(B, "fused_optimizer", None)
+        self._fused = make(cfg.name, params, self.slots, self.hp) if make is not None else None
 
     def apply(self, grads: list[Any]) -> None:
         B = self.B
         B.assign(self.t, self.t + 1.0)
         if self.cfg.weight_decay:
             grads = [g + self.cfg.weight_decay * p for p, g in zip(self.params, grads)]
+        if self._fused is not None:
+            self._fused.step(grads, float(B.to_numpy(self.t)))
+            return
         for i, (p, g) in enumerate(zip(self.params, grads)):
             B.optimizer_step(self.cfg.name, p, g, {k: v[i] for k, v in self.slots.items()}, self.hp, self.t)

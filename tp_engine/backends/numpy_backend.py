@@ -94,6 +94,13 @@ class NumpyBackend:
 
             array_step(self, name, p, g, slots, hp, t)
 
+    def fused_optimizer(self, name, params, slots, hp):
+        """All of an optimizer's parameters stepped by numba kernels (``FusedOptimizer.step``),
+        or None (then ``optimizer_step`` per parameter)."""
+        from tp_engine.backends.numpy_kernels import make_fused
+
+        return make_fused(name, params, slots, hp)
+
     def local_grads(self, loss_fn, params, manual):
         return list(manual())
 
