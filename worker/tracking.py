@@ -5,9 +5,10 @@ again by tags instead of making a duplicate.
 
 MLflow server outages. ``client()`` returns a ``ResilientClient``: against an HTTP tracking server,
 every call it makes waits out an outage (it probes ``/health`` with backoff, 0.5 s doubling to
-10 s) and is then made again, and ``log_metrics`` never waits at all: a trial's metrics go into an
+5 s) and is then made again, and ``log_metrics`` does not wait for it: a trial's metrics go into an
 outbox that a background thread sends in order, so training goes on while MLflow is away and the
-buffered points reach MLflow once it is back. Each buffered point keeps the timestamp it was
+buffered points reach MLflow once it is back (while the server answers, ``log_metrics`` waits up to
+``SYNC_WAIT_S`` for its points to be stored, as a plain call would). Each buffered point keeps the timestamp it was
 logged with, so a batch sent twice (the server stored it but the answer was lost) is stored once:
 MLflow drops a metric identical in key, step, value and timestamp. Calls that change or read a run
 first wait for the outbox to be sent, so the run is closed only after all its points. Unsent
@@ -63,7 +64,7 @@ TAG_NOTE = "mlflow.note.content"  # a run's description
 # How long a trial waits for an unreachable MLflow server before it fails.
 OUTAGE_LIMIT_ENV = "TP_MLFLOW_OUTAGE_LIMIT_S"
 DEFAULT_OUTAGE_LIMIT_S = 600.0
-PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # backoff between /health probes during an outage
+PROBE_FIRST_S, PROBE_MAX_S = 0.5, 5.0  # backoff between /health probes during an outage
 SPOOL_DIR = "mlflow_spool"  # under SWEEP_DATA_DIR
 MAX_BATCH = 1000  # metrics per log_batch (MLflow's limit)
 SYNC_WAIT_S = 5.0  # log_metrics waits this long for its points while no outage is known
@@ -221,7 +222,7 @@ class _Outbox:
         self.client = client
         self.items: collections.deque[tuple[int, str, list]] = collections.deque()
         self.cond = threading.Condition()
-        self.sending = 0  # batches taken off the deque but not yet sent
+        self.sending = 0  # metric values taken off the deque but not yet sent
         self.error: BaseException | None = None
         self.put_seq = self.sent_seq = 0  # batches queued / sent so far (sent in order)
         self.thread: threading.Thread | None = None
@@ -257,8 +258,9 @@ class _Outbox:
             return self.sent_seq >= seq
 
     def pending(self) -> int:
+        """Metric values not yet sent."""
         with self.cond:
-            return sum(len(m) for _, _, m in self.items)
+            return self.sending + sum(len(m) for _, _, m in self.items)
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -290,20 +292,20 @@ class _Outbox:
                 if self.error is not None:
                     return
                 seq, run_id, metrics = self._take()
-                self.sending += 1
+                self.sending = len(metrics)
             try:
                 self.client._outage.call(lambda: MlflowClient.log_batch(self.client, run_id, metrics=metrics),
                                          f"logging {len(metrics)} metric value(s)")
             except BaseException as e:  # noqa: BLE001  (given to the trial's next call)
                 with self.cond:
                     self.error = e
-                    self.sending -= 1
+                    self.sending = 0
                     self.cond.notify_all()
                 log.error("MLflow: could not send %d metric value(s) of run %s: %s", len(metrics), run_id,
                           _one_line(e))
                 return
             with self.cond:
-                self.sending -= 1
+                self.sending = 0
                 self.sent_seq = seq
                 drained = not any(r == run_id for _, r, _ in self.items)
                 self.cond.notify_all()
