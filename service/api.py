@@ -495,8 +495,11 @@ class ServerThread:
         import uvicorn
 
         self.host = host
+        # log_config=None: uvicorn's default logging set-up runs logging.config.dictConfig, which
+        # closes every handler the host process has (absl's, imported with TensorFlow, then
+        # closes the stream it was given: a test's captured stderr). Only set uvicorn's levels.
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    lifespan="on", access_log=False))
+                                                    lifespan="on", access_log=False, log_config=None))
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.port = port
 
