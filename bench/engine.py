@@ -4,7 +4,10 @@ For each (rule, backend) it times training steps on Lee's MNIST network (784 -> 
 batch 100) and reports seconds per epoch (500 steps; dtp's per_epoch schedule = an inverse pass
 plus a forward pass). References, measured here and now:
 - the floor: the same step's matrix products alone (shapes recorded from a real step, replayed on
-  preallocated arrays);
+  preallocated arrays), timed back to back with the step in every repeat; ``ratio_to_floor`` is
+  the median of the per-repeat ratios. lstp and rlstp also solve linear systems each step;
+  ``ratio_to_linalg_floor`` counts those solves (replayed on the recorded operands) in the floor;
+- a whole ``train()`` epoch against the sum of its training steps (``epoch_vs_steps``);
 - Keras ``model.fit`` of the same network with the same optimizer (with --tensorflow).
 It also times 784 -> 5x256 tanh -> 10 at batch 128 over 55,000 samples, the MNIST setting of a
 well-known PyTorch TP framework, to compare with that framework's published-here figures.
@@ -49,6 +52,11 @@ class RecordingBackend(NumpyBackend):
         self.products.append(("nt", a.shape, b.shape))
         return super().matmul_nt(a, b)
 
+    def solve(self, a, b):
+        # The operands themselves: a solve's cost depends on its matrix (lstp, rlstp).
+        self.products.append(("solve", np.array(a), np.array(b)))
+        return super().solve(a, b)
+
 
 def _batch(n_in, n_out, bs, rng):
     x = rng.random((bs, n_in), dtype=np.float32)
@@ -90,11 +98,16 @@ def time_steps(f, steps: int, repeats: int, sync=lambda out: None) -> float:
     return statistics.median(times)
 
 
-def matmul_floor(products, repeats: int, steps: int) -> float:
-    """Median seconds for one step's matrix products alone."""
+def floor_fn(products, with_solves: bool = False):
+    """One step's matrix products alone (and its linear solves, replayed on the recorded
+    operands, when ``with_solves``), on preallocated arrays."""
     rng = np.random.default_rng(0)
     arrays = []
     for kind, sa, sb in products:
+        if kind == "solve":
+            if with_solves:
+                arrays.append((kind, sa, sb))
+            continue
         a = rng.standard_normal(sa, dtype=np.float32)
         b = rng.standard_normal(sb, dtype=np.float32)
         arrays.append((kind, a, b))
@@ -105,15 +118,42 @@ def matmul_floor(products, repeats: int, steps: int) -> float:
                 a @ b
             elif kind == "tn":
                 a.T @ b
-            else:
+            elif kind == "nt":
                 a @ b.T
+            else:
+                np.linalg.solve(a, b)
 
-    return time_steps(f, steps, repeats)
+    return f
+
+
+def matmul_floor(products, repeats: int, steps: int) -> float:
+    """Median seconds for one step's matrix products alone."""
+    return time_steps(floor_fn(products), steps, repeats)
+
+
+def interleaved(fns: dict, steps: int, repeats: int) -> dict:
+    """Median seconds per call of each function, timed in turn within each repeat (a busy
+    machine then slows them alike), and the median over repeats of each one's ratio to the first."""
+    for f in fns.values():
+        f()  # warm-up (numba compilation)
+    per = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                f()
+            per[k].append((time.perf_counter() - t) / steps)
+    first = next(iter(fns))
+    out = {k: statistics.median(v) for k, v in per.items()}
+    out["ratios"] = {k: statistics.median(a / b for a, b in zip(per[first], v)) for k, v in per.items() if k != first}
+    return out
 
 
 def flops(products) -> float:
     total = 0
     for kind, sa, sb in products:
+        if kind == "solve":
+            continue
         m, k = (sa[1], sa[0]) if kind == "tn" else sa
         n = sb[0] if kind == "nt" else sb[1]
         total += 2 * m * k * n
@@ -132,18 +172,30 @@ def bench_numpy(rule, sizes, bs, steps_per_epoch, repeats, steps):
     B = NumpyBackend()
     eng = Engine(B, cfg, sizes[0], sizes[-1], "softmax_ce")
     noise = _noise(eng, bs, rng, B)
-    per_step = time_steps(step_fn(eng, B, x, y, noise), steps, repeats)
-    floor = matmul_floor(products, repeats, steps)
+    fns = {"step": step_fn(eng, B, x, y, noise), "floor": floor_fn(products)}
+    n_solves = sum(1 for p in products if p[0] == "solve")
+    if n_solves:
+        fns["linalg_floor"] = floor_fn(products, with_solves=True)
+    t = interleaved(fns, steps, repeats)
+    per_step, floor = t["step"], t["floor"]
     extra = 0.0
     if eng.inv_opt is not None and cfg.feedback_epochs_per_epoch:  # feedback-only passes per epoch
         fb = time_steps(lambda: eng.inverse_step(x, noise), steps, repeats)
         extra = fb * cfg.feedback_iterations * cfg.feedback_epochs_per_epoch * steps_per_epoch
-    return {
+    out = {
         "rule": rule, "backend": "numpy", "seconds_per_epoch": per_step * steps_per_epoch + extra,
-        "floor_seconds_per_epoch": floor * steps_per_epoch, "ratio_to_floor": per_step / floor,
+        "floor_seconds_per_epoch": floor * steps_per_epoch,
+        # median over repeats of step/floor timed back to back (robust to a busy machine)
+        "ratio_to_floor": t["ratios"]["floor"],
+        "ratio_of_medians": per_step / floor,
         "gflop_per_step": flops(products) / 1e9, "floor_gflops": flops(products) / floor / 1e9,
-        "matmuls_per_step": len(products),
+        "matmuls_per_step": len(products) - n_solves,
     }
+    if n_solves:  # lstp, rlstp: the floor with the step's linear solves too
+        out["solves_per_step"] = n_solves
+        out["linalg_floor_seconds_per_epoch"] = t["linalg_floor"] * steps_per_epoch
+        out["ratio_to_linalg_floor"] = t["ratios"]["linalg_floor"]
+    return out
 
 
 def bench_tensorflow(rule, sizes, bs, steps_per_epoch, repeats, steps):

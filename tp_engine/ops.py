@@ -30,9 +30,31 @@ class Op:
     # pass already holds y, so local gradients skip recomputing f.
     df_y: Callable[..., Any] | None = None
 
+    # A backend may fuse the three methods below into one pass (NumPy: numba kernels in
+    # backends/numpy_kernels.py, checked bit for bit against these expressions); it answers None
+    # for what it has no kernel for, and the expressions run.
     def vjp(self, B, dy, x, y, p=None):
         """df(dy) at x, given also y = f(x)."""
-        return self.df_y(B, dy, y) if self.df_y is not None else self.df(B, dy, x, p)
+        if self.df_y is None:
+            return self.df(B, dy, x, p)
+        fused = getattr(B, "fused_vjp_y", None)
+        out = fused(self.name, dy, y) if fused is not None else None
+        return out if out is not None else self.df_y(B, dy, y)
+
+    def vjp_diff(self, B, a, b, x, y, scale=1.0, p=None):
+        """vjp(scale * (a - b)) at x, given y = f(x): a residual sent back through the op."""
+        fused = getattr(B, "fused_vjp_diff", None) if self.df_y is not None else None
+        out = fused(self.name, a, b, y, scale) if fused is not None else None
+        if out is not None:
+            return out
+        d = a - b
+        return self.vjp(B, d if scale == 1.0 else scale * d, x, y, p)
+
+    def step_back(self, B, x0, y0, y, p=None):
+        """x0 - vjp(y0 - y) at x0: the target y of y0 = f(x0) taken one backprop step back."""
+        fused = getattr(B, "fused_step_back", None)
+        out = fused(self.name, x0, y0, y) if fused is not None else None
+        return out if out is not None else x0 - self.vjp(B, y0 - y, x0, y0, p)
 
 
 OPS: dict[str, Op] = {}

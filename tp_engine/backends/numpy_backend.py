@@ -4,6 +4,17 @@ from __future__ import annotations
 import numpy as np
 
 F32 = np.float32
+_KERNELS = None
+
+
+def _kernels():
+    """tp_engine.backends.numpy_kernels, imported (with numba) on first use."""
+    global _KERNELS
+    if _KERNELS is None:
+        from tp_engine.backends import numpy_kernels
+
+        _KERNELS = numpy_kernels
+    return _KERNELS
 
 
 class NumpyBackend:
@@ -94,9 +105,26 @@ class NumpyBackend:
 
             array_step(self, name, p, g, slots, hp, t)
 
+    # Fused elementwise chains (tp_engine.ops.Op.vjp / vjp_diff / step_back): one numba pass
+    # instead of several NumPy ones, bit for bit the same; None where there is no kernel.
+    @staticmethod
+    def fused_vjp_y(op, dy, y):
+        return _kernels().vjp_y(op, dy, y)
+
+    @staticmethod
+    def fused_vjp_diff(op, a, b, y, scale):
+        return _kernels().vjp_diff(op, a, b, y, scale)
+
+    @staticmethod
+    def fused_step_back(op, x0, y0, y):
+        return _kernels().step_back(op, x0, y0, y)
+
     def fused_optimizer(self, name, params, slots, hp):
         """All of an optimizer's parameters stepped by numba kernels (``FusedOptimizer.step``),
-        or None (then ``optimizer_step`` per parameter)."""
+        or None (then ``optimizer_step`` per parameter). A subclass that overrides
+        ``optimizer_step`` (tests' array-expression path) keeps it: no fused stepper."""
+        if type(self).optimizer_step is not NumpyBackend.optimizer_step:
+            return None
         from tp_engine.backends.numpy_kernels import make_fused
 
         return make_fused(name, params, slots, hp)

@@ -178,3 +178,103 @@ def optimizer_step(name: str, p: np.ndarray, g: np.ndarray, slots: dict, hp: dic
         scale = min(1.0, hp["clip_norm"] / (norm + 1e-12))
     step(p, g, slots, hp, t, scale)
     return True
+
+
+# -- fused elementwise chains --------------------------------------------------------------------
+# Each kernel computes, in float32 and in the same order, the NumPy expression in its comment, so
+# its result is bit for bit NumPy's (no FMA contraction without fastmath; constants are float32,
+# as NumPy 2 casts a Python float against a float32 array). tests/test_fused_kernels.py checks it.
+_ONE = np.float32(1.0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _vjp_diff_tanh(a, b, y, c, out):
+    for i in range(out.size):  # (c * (a - b)) * (1 - y * y)
+        out[i] = (c * (a[i] - b[i])) * (_ONE - y[i] * y[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _vjp_diff_sigmoid(a, b, y, c, out):
+    for i in range(out.size):  # (c * (a - b)) * y * (1 - y)
+        out[i] = ((c * (a[i] - b[i])) * y[i]) * (_ONE - y[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _vjp_diff_identity(a, b, y, c, out):
+    for i in range(out.size):  # c * (a - b)
+        out[i] = c * (a[i] - b[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _vjp_y_tanh(dy, y, out):
+    for i in range(out.size):  # dy * (1 - y * y)
+        out[i] = dy[i] * (_ONE - y[i] * y[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _vjp_y_sigmoid(dy, y, out):
+    for i in range(out.size):  # dy * y * (1 - y)
+        out[i] = (dy[i] * y[i]) * (_ONE - y[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _step_back_tanh(x0, y0, y, out):
+    for i in range(out.size):  # x0 - (y0 - y) * (1 - y0 * y0)
+        out[i] = x0[i] - (y0[i] - y[i]) * (_ONE - y0[i] * y0[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _step_back_sigmoid(x0, y0, y, out):
+    for i in range(out.size):  # x0 - (y0 - y) * y0 * (1 - y0)
+        out[i] = x0[i] - ((y0[i] - y[i]) * y0[i]) * (_ONE - y0[i])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _step_back_identity(x0, y0, y, out):
+    for i in range(out.size):  # x0 - (y0 - y)
+        out[i] = x0[i] - (y0[i] - y[i])
+
+
+_VJP_DIFF = {"tanh": _vjp_diff_tanh, "sigmoid": _vjp_diff_sigmoid, "linear_act": _vjp_diff_identity}
+_VJP_Y = {"tanh": _vjp_y_tanh, "sigmoid": _vjp_y_sigmoid}
+# add's vjp is the identity too: x0 - (y0 - y).
+_STEP_BACK = {"tanh": _step_back_tanh, "sigmoid": _step_back_sigmoid, "linear_act": _step_back_identity,
+              "add": _step_back_identity}
+
+
+def _plain(*arrays) -> bool:
+    """Same-shape C-contiguous float32 arrays: what the kernels take (else NumPy's expression)."""
+    s = arrays[0].shape
+    return all(type(a) is np.ndarray and a.dtype == np.float32 and a.shape == s and a.flags.c_contiguous
+               for a in arrays)
+
+
+def vjp_diff(op: str, a, b, y, c: float):
+    """``op.vjp(c * (a - b))`` through y = op(x), in one pass; None when there is no kernel."""
+    k = _VJP_DIFF.get(op)
+    if k is None or not _plain(a, b, y):
+        return None
+    out = np.empty_like(y)
+    k(a.reshape(-1), b.reshape(-1), y.reshape(-1), f32(c), out.reshape(-1))
+    return out
+
+
+def vjp_y(op: str, dy, y):
+    """``op.df_y(dy, y)`` in one pass; None when there is no kernel."""
+    k = _VJP_Y.get(op)
+    if k is None or not _plain(dy, y):
+        return None
+    out = np.empty_like(y)
+    k(dy.reshape(-1), y.reshape(-1), out.reshape(-1))
+    return out
+
+
+def step_back(op: str, x0, y0, y):
+    """``x0 - op.vjp(y0 - y)`` (one backprop step of a target through op) in one pass; None when
+    there is no kernel."""
+    k = _STEP_BACK.get(op)
+    if k is None or not _plain(x0, y0, y):
+        return None
+    out = np.empty_like(x0)
+    k(x0.reshape(-1), y0.reshape(-1), y.reshape(-1), out.reshape(-1))
+    return out

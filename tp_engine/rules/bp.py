@@ -15,4 +15,4 @@ class BP(OpByOpRule):
     }
 
     def invert(self, B, op, p, y, x0, y0, cfg):
-        return x0 - op.vjp(B, y0 - y, x0, y0, p)
+        return op.step_back(B, x0, y0, y, p)  # x0 - op.vjp(y0 - y), fused where the backend can

@@ -18,5 +18,5 @@ class FA(Rule):
     }
 
     def propagate(self, B, net, cfg, l, t_l, fwd):
-        d = net.layer_act(l).vjp(B, fwd.hs[l] - t_l, fwd.as_[l], fwd.hs[l])
+        d = net.layer_act(l).vjp_diff(B, fwd.hs[l], t_l, fwd.as_[l], fwd.hs[l])  # vjp(h - t)
         return fwd.hs[l - 1] - B.matmul(d, net.V[l])

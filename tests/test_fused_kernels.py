@@ -1,0 +1,210 @@
+"""The NumPy backend's fused paths against the formulas they replace, bit for bit.
+
+- elementwise chains (``Op.vjp`` / ``vjp_diff`` / ``step_back``): numba kernels vs the ops'
+  NumPy expressions;
+- ``FusedOptimizer`` (every parameter of an optimizer in one call) vs the per-parameter kernels
+  and vs a NumPy emulation of the kernels' arithmetic (float32, with the float64 intermediates
+  the kernels have always had);
+- whole engine steps of every rule with all fusion on vs all fusion off.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tp_engine.backends import numpy_kernels as K
+from tp_engine.backends.numpy_backend import NumpyBackend
+from tp_engine.config import OptimizerConfig, TrialConfig
+from tp_engine.engine import Engine
+from tp_engine.ops import OPS
+from tp_engine.optimizers import Optimizer
+from tp_engine.rules import RULES
+
+F32 = np.float32
+B = NumpyBackend()
+
+
+class PlainBackend(NumpyBackend):
+    """The NumPy backend with every fusion off: the ops' expressions, and the optimizer kernels
+    called one parameter at a time through optimizer_step (the path before FusedOptimizer)."""
+
+    fused_vjp_y = None
+    fused_vjp_diff = None
+    fused_step_back = None
+
+    def fused_optimizer(self, name, params, slots, hp):
+        return None
+
+
+PLAIN = PlainBackend()
+
+
+def _arrays(rng, shape, k):
+    out = []
+    for _ in range(k):
+        a = rng.standard_normal(shape).astype(F32)
+        a.flat[:4] = [0.0, -0.0, 1.0, -1.0]  # exact edges of tanh's 1 - y^2
+        out.append(a)
+    return out
+
+
+def _squash(name, y):
+    return np.tanh(y) if name == "tanh" else (1 / (1 + np.exp(-y))).astype(F32) if name == "sigmoid" else y
+
+
+# -- elementwise chains ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(100, 240), (7, 3), (1, 1)])
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "linear_act"])
+def test_vjp_and_vjp_diff_equal_the_expressions(name, shape):
+    op = OPS[name]
+    rng = np.random.default_rng(hash((name, shape)) % 2**32)
+    a, b, x = _arrays(rng, shape, 3)
+    y = _squash(name, x)
+    for scale in (1.0, 2.0, 0.37):
+        want = op.df_y(PLAIN, scale * (a - b) if scale != 1.0 else a - b, y)
+        got = op.vjp_diff(B, a, b, x, y, scale)
+        assert got.dtype == F32
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} scale {scale}")
+        np.testing.assert_array_equal(op.vjp_diff(PLAIN, a, b, x, y, scale), want)
+    np.testing.assert_array_equal(op.vjp(B, a, x, y), op.df_y(PLAIN, a, y))
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "linear_act", "add"])
+def test_step_back_equals_the_expression(name):
+    op = OPS[name]
+    rng = np.random.default_rng(len(name))
+    x0, y, p = _arrays(rng, (50, 30), 3)
+    y0 = _squash(name, x0)
+    want = x0 - op.vjp(PLAIN, y0 - y, x0, y0, p[0])
+    got = op.step_back(B, x0, y0, y, p[0])
+    assert B.fused_step_back(name, x0, y0, y) is not None  # the kernel ran, not the fallback
+    np.testing.assert_array_equal(got, want)
+
+
+def test_kernels_decline_what_they_do_not_cover():
+    rng = np.random.default_rng(0)
+    a, b, y = _arrays(rng, (20, 10), 3)
+    assert K.vjp_diff("relu", a, b, y, 1.0) is None  # no kernel: relu has no df_y
+    assert K.vjp_diff("tanh", a.T, b.T, y.T, 1.0) is None  # not contiguous
+    assert K.vjp_diff("tanh", a.astype(np.float64), b, y, 1.0) is None
+    assert K.step_back("tanh", a, b[:1], y, ) is None  # broadcasting is NumPy's job
+    # ... and the op falls back to its expression
+    np.testing.assert_array_equal(OPS["tanh"].vjp_diff(B, a.T, b.T, y.T, np.tanh(y.T)),
+                                  OPS["tanh"].vjp_diff(PLAIN, a.T, b.T, y.T, np.tanh(y.T)))
+    relu = OPS["relu"]
+    np.testing.assert_array_equal(relu.step_back(B, a, b, y), a - relu.df(B, b - y, a, None))
+
+
+# -- optimizers ------------------------------------------------------------------------------------
+def _emulate(name, p, g, s, hp, t, scale):
+    """The kernels' arithmetic in NumPy: float32 except where the kernel has a float64 literal
+    (1.0 - rho, 1.0 - beta), whose products are rounded to float32 when stored."""
+    f, d = F32, np.float64
+    gi = g * f(scale)
+    if name == "sgd":
+        s["mom"][...] = f(hp["momentum"]) * s["mom"] + gi
+        p -= f(hp["lr"]) * s["mom"]
+        return
+    if name == "adam":
+        b1, b2 = f(hp["beta1"]), f(hp["beta2"])
+        lr_t = f(hp["lr"] * np.sqrt(1.0 - hp["beta2"] ** t) / (1.0 - hp["beta1"] ** t))
+        s["m"][...] = (s["m"].astype(d) + (gi - s["m"]).astype(d) * (1.0 - d(b1))).astype(f)
+        s["v"][...] = (s["v"].astype(d) + (gi * gi - s["v"]).astype(d) * (1.0 - d(b2))).astype(f)
+        p -= lr_t * s["m"] / (np.sqrt(s["v"]) + f(hp["eps"]))
+        return
+    rho = f(hp["rho"])
+    c = 1.0 - d(rho)
+    s["ms"][...] = ((rho * s["ms"]).astype(d) + c * gi.astype(d) * gi.astype(d)).astype(f)
+    denom = s["ms"] + f(hp["eps"])
+    if name == "rmsprop_centered":
+        s["mg"][...] = ((rho * s["mg"]).astype(d) + c * gi.astype(d)).astype(f)
+        denom = denom - s["mg"] * s["mg"]
+    step = f(hp["lr"]) * gi / np.sqrt(denom)
+    if name == "rmsprop" and not hp["momentum"] > 0:  # the plain kernel leaves mom alone then
+        p -= step
+        return
+    s["mom"][...] = f(hp["momentum"]) * s["mom"] + step
+    p -= s["mom"]
+
+
+OPT_CASES = [
+    ("sgd", dict(momentum=0.9)),
+    ("rmsprop", dict(momentum=0.9, rho=0.9)),
+    ("rmsprop", dict(momentum=0.0, rho=0.9, clip_norm=0.5)),
+    ("rmsprop_centered", dict(momentum=0.9, rho=0.95)),
+    ("rmsprop_centered", dict(momentum=0.9, rho=0.95, clip_norm=0.3, weight_decay=1e-3)),
+    ("adam", dict(beta1=0.9, beta2=0.99)),
+    ("adam", dict(beta1=0.99, beta2=0.999, eps=1e-4, clip_norm=1.0)),
+]
+
+
+@pytest.mark.parametrize("name,kw", OPT_CASES)
+def test_fused_optimizer_equals_per_parameter_kernels_and_their_arithmetic(name, kw):
+    rng = np.random.default_rng(len(name) + len(kw))
+    shapes = [(30, 20), (20,), (20, 7), (7,)]
+    p0 = [rng.standard_normal(s).astype(F32) for s in shapes]
+    cfg = OptimizerConfig(name=name, lr=0.01, **kw)
+    runs = {}
+    for label, backend in (("fused", B), ("plain", PLAIN)):
+        params = [backend.variable(p) for p in p0]
+        opt = Optimizer(backend, cfg, params)
+        assert (opt._fused is not None) == (label == "fused")
+        r = np.random.default_rng(7)
+        for _ in range(5):
+            opt.apply([r.standard_normal(s).astype(F32) * F32(0.3) for s in shapes])
+        runs[label] = (params, opt)
+    for (a, b) in zip(runs["fused"][0], runs["plain"][0]):
+        np.testing.assert_array_equal(a, b)
+    for slot in runs["fused"][1].slots:
+        for a, b in zip(runs["fused"][1].slots[slot], runs["plain"][1].slots[slot]):
+            np.testing.assert_array_equal(a, b, err_msg=slot)
+    # the arithmetic itself, one step from a non-zero state
+    hp = runs["fused"][1].hp
+    p = rng.standard_normal((64,)).astype(F32)
+    g = rng.standard_normal((64,)).astype(F32)
+    slots = {k: (rng.random(64) * 0.1).astype(F32) for k in ("mom", "ms", "mg", "m", "v")}
+    slots["ms"] += slots["mg"] ** 2  # keep the centered denominator positive
+    p1, s1 = p.copy(), {k: v.copy() for k, v in slots.items()}
+    fo = K.FusedOptimizer(name, [p1], {k: [v] for k, v in s1.items()}, hp)
+    fo.step([g], 3.0)
+    p2, s2 = p.copy(), {k: v.copy() for k, v in slots.items()}
+    _emulate(name, p2, g, s2, hp, 3.0, fo._scale(g))
+    np.testing.assert_array_equal(p1, p2)
+    for k in s1:
+        np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+
+
+def test_fused_optimizer_follows_a_loaded_state():
+    """Loading a state assigns into the same arrays, so the prepared views see it."""
+    p = B.variable(np.ones((4, 3), F32))
+    opt = Optimizer(B, OptimizerConfig(name="rmsprop_centered", lr=0.1, momentum=0.9), [p])
+    B.assign(opt.slots["mom"][0], np.full((4, 3), 0.5, F32))
+    B.assign(p, np.zeros((4, 3), F32))
+    opt.apply([np.zeros((4, 3), F32)])
+    np.testing.assert_array_equal(p, np.full((4, 3), -0.45, F32))
+
+
+# -- whole steps -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "relu"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_engine_steps_are_bit_identical_with_and_without_fusion(rule, act):
+    cfg = TrialConfig(rule=rule, hidden=[24, 20, 16], activation=act, batch_size=32, seed=1)
+    rng = np.random.default_rng(3)
+    x = rng.random((32, 30), dtype=F32)
+    y = np.eye(5, dtype=F32)[rng.integers(0, 5, 32)]
+    states = []
+    for backend in (B, PLAIN):
+        eng = Engine(backend, cfg, 30, 5, "softmax_ce")
+        nr = np.random.default_rng(5)
+        for _ in range(3):
+            noise = [nr.standard_normal((32, eng.noise_width(l))).astype(F32) * F32(0.1)
+                     for l in eng.trained_feedback_layers]
+            if eng.inv_opt is not None:
+                eng.inverse_step(x, noise)
+            loss, correct = eng.forward_step(x, y)
+        d = eng.diagnose(x, y, noise if eng.inv_opt is not None else [])
+        states.append((eng.net.state(), float(loss), int(correct), {k: float(v) for k, v in d.items()}))
+    (s1, l1, c1, d1), (s2, l2, c2, d2) = states
+    assert (l1, c1, d1) == (l2, c2, d2)
+    for k in s1:
+        np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
