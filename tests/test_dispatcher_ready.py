@@ -227,10 +227,10 @@ def test_head_not_ready_then_restarted_uses_one_attempt(tmp_path, monkeypatch, c
             head.kill()
     waits = [r.getMessage() for r in caplog.records if "not ready for job" in r.getMessage()]
     no_agent = [w for w in waits if "No available agent" in w]
-    if True:  # what the run saw (pytest -s shows it)
-        print(f"\nfirst head: job running after {first:.1f}s; restarted head: {r2} running after {second:.1f}s; "
-              f"{len(waits)} not-ready wait(s), {len(no_agent)} of them 'No available agent'")
-        for w in waits:
-            print("  ", w[:240])
+    # what the run saw (pytest -s shows it)
+    print(f"\nfirst head: job running after {first:.1f}s; restarted head: {r2} running after {second:.1f}s; "
+          f"{len(waits)} not-ready wait(s), {len(no_agent)} of them 'No available agent'")
+    for w in waits:
+        print("  ", w[:240])
     assert any("was never submitted" in r.getMessage() for r in caplog.records)
     assert not any("giving up" in r.getMessage() for r in caplog.records)
