@@ -7,11 +7,12 @@ it for the GIL; ``--in-process`` runs it in a thread of this process instead; 12
 port, dispatcher off) on a fresh queue: a SQLite file in a temporary folder, or, when ``--db-url``
 names a PostgreSQL server, a database created for the run on that server and dropped after it.
 It fires ``n`` spec submissions (configs/smoke.yaml, renamed per request) from ``concurrency``
-threads, then ``lists`` GET /sweeps calls (limit 100) from the same threads, checks that every
+threads, then ``lists`` GET /sweeps calls (limit 100) from the same threads (once on a still queue,
+once while a sweep's progress is rewritten every ``--churn-ms``), checks that every
 submission was queued, and prints JSON (also written to ``--out``):
 
     {"queue": "sqlite"|"postgresql", "submit_ms": {"p50", "p90", "p99", "max", "mean"},
-     "list_ms": {...}, "n": 200, "concurrency": 8, "queued": 200, "submit_per_s": ...,
+     "list_ms": {...}, "list_with_writes_ms": {...}, "n": 200, "concurrency": 8, "queued": 200, "submit_per_s": ...,
      "goal_p99_ms": 100, "meets_goal": ..., "server_cpu_ms_per_submit": ..., "server_cpu_ms_per_list": ...,
      "machine": {"cpus", "loadavg_start", "loadavg_end", "nice"}, ...}
 
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="submissions (default 200)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
     p.add_argument("--lists", type=int, default=200, help="GET /sweeps calls after the submissions (default 200)")
+    p.add_argument("--churn-ms", type=float, default=100.0,
+                   help="then the same lists again while a sweep's progress is written every this many ms "
+                        "(0: skip; default 100)")
     p.add_argument("--db-url", help="queue database server (default: a fresh SQLite file); a PostgreSQL URL gets "
                                     "a fresh database on that server for the run")
     p.add_argument("--in-process", action="store_true", help="serve from a thread of this process")
@@ -221,6 +225,25 @@ def main(argv: list[str] | None = None) -> int:
                 cpu1 = cpu()
                 lists = list(pool.map(list_call, range(args.lists)))
                 cpu2 = cpu()
+                # The same lists while a sweep's progress changes every --churn-ms (a dispatcher
+                # writes progress every few seconds per running sweep): lists then miss the
+                # queue's list cache whenever the revision moved.
+                churn_lists, churn_writes = [], 0
+                if args.churn_ms > 0 and args.lists:
+                    stop = threading.Event()
+                    target = subs[0][2]
+
+                    def churn() -> None:
+                        nonlocal churn_writes
+                        while not stop.wait(args.churn_ms / 1000):
+                            queue.update(target, progress={"done": churn_writes})
+                            churn_writes += 1
+
+                    writer = threading.Thread(target=churn, daemon=True)
+                    writer.start()
+                    churn_lists = list(pool.map(list_call, range(args.lists)))
+                    stop.set()
+                    writer.join()
             queued = len(queue.list(limit=args.n + 10))
         queue.close()
     load_end = os.getloadavg()
@@ -229,11 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = {s[2] for s in subs if s[1] == 201}
     submit_ms = percentiles([s[0] for s in subs])
     list_ms = percentiles([x[0] for x in lists]) if lists else None
+    failed += [x for x in churn_lists if x[1] != 200]
     slowest = sorted(range(len(subs)), key=lambda i: -subs[i][0])[:3]
     out = {
         "queue": sa.make_url(db_url).get_backend_name(),
         "submit_ms": submit_ms,
         "list_ms": list_ms,
+        "list_with_writes_ms": percentiles([x[0] for x in churn_lists]) if churn_lists else None,
+        "writes_during_lists": churn_writes,
+        "churn_ms": args.churn_ms,
         "n": args.n,
         "concurrency": args.concurrency,
         "lists": args.lists,

@@ -173,6 +173,18 @@ sweeps = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# One row counting committed changes to ``sweeps`` (bumped by every write transaction that changed
+# a row, in that transaction): a list whose revision has not moved is served from memory, across
+# processes alike (the dispatcher writes progress, the API reads it).
+queue_revision = sa.Table(
+    "queue_revision",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("rev", sa.BigInteger, nullable=False),
+)
+_REV = sa.select(queue_revision.c.rev).where(queue_revision.c.id == 1)
+_BUMP = queue_revision.update().where(queue_revision.c.id == 1).values(rev=queue_revision.c.rev + 1)
+
 # Connections kept open per queue. SQLAlchemy's default (5) closes every connection past the fifth
 # when it is returned, so 8 concurrent API requests opened a new PostgreSQL connection (a server
 # process) for 3 of every 8: the tail of the list latency. The API serves up to 40 threads.
@@ -239,6 +251,9 @@ class SweepQueue:
             )
         else:
             raise ValueError(f"unsupported database URL: {self.url!r}")
+        _track_changes(self._engine)
+        # (state, limit) -> (revision, records) of the last list; see queue_revision.
+        self._lists: dict[tuple[Any, int], tuple[int, list[SweepRecord]]] = {}
         # Same pool; only tells the SQLite begin hook to take the write lock up front.
         self._writer = self._engine.execution_options(sqlite_immediate=True)
         with self._write() as conn:
@@ -246,6 +261,8 @@ class SweepQueue:
                 # Two processes starting on an empty database must not both run CREATE TABLE.
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             metadata.create_all(conn)
+            if conn.execute(_REV).scalar() is None:  # a new database, or one from before the table
+                conn.execute(queue_revision.insert().values(id=1, rev=0))
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -265,7 +282,13 @@ class SweepQueue:
                 writer = self._engine.execution_options(sqlite_immediate=True,
                                                         sqlite_busy_ms=max(1, int(left * 1000)))
             with writer.begin() as conn:
-                yield conn
+                conn.info[_CHANGED] = False
+                try:
+                    yield conn
+                    if conn.info[_CHANGED]:
+                        conn.execute(_BUMP)  # last: PostgreSQL holds this row's lock until the commit
+                finally:
+                    conn.info.pop(_CHANGED, None)
         finally:
             if mutex is not None:
                 mutex.release()
@@ -481,8 +504,19 @@ class SweepQueue:
                 query = query.order_by(*_DISPATCH_ORDER)
             else:
                 query = query.order_by(sweeps.c.seq.desc())
+        key = (state, limit)
         with self._read() as conn:
-            return [_to_record(r) for r in conn.execute(query.limit(limit))]
+            # Read before the rows: rows read after it are at least as new as it says.
+            rev = conn.execute(_REV).scalar()
+            hit = self._lists.get(key)
+            if hit is not None and rev is not None and hit[0] == rev:
+                return list(hit[1])  # records are frozen; nothing changed since they were read
+            recs = [_to_record(r) for r in conn.execute(query.limit(limit))]
+        if rev is not None:
+            if len(self._lists) > 64:
+                self._lists.clear()
+            self._lists[key] = (rev, recs)
+        return list(recs)
 
     def running(self) -> list[SweepRecord]:
         """All RUNNING sweeps, oldest claim first."""
@@ -566,6 +600,24 @@ assert {f.name for f in dataclasses.fields(SweepRecord)} == set(_COLUMNS)
 assert _COLUMNS == ("seq", "id", "name", "spec_yaml", "priority", "state", "created_at", "started_at",
                     "finished_at", "cancel_requested", "attempts", "progress", "mlflow_experiment_id",
                     "mlflow_parent_run_id", "error", "resume_of"), _COLUMNS
+
+
+_CHANGED = "tp_sweeps_changed"
+
+
+def _track_changes(engine: Engine) -> None:
+    """Flag a write transaction's connection once a statement changed a row of ``sweeps`` (its
+    revision is then bumped, see _write)."""
+
+    @sa.event.listens_for(engine, "after_cursor_execute")
+    def _after(conn, cursor, statement, parameters, context, executemany):
+        if _CHANGED in conn.info and context is not None and context.isinsert | context.isupdate | context.isdelete:
+            table = getattr(context.compiled.statement, "table", None) if context.compiled is not None else None
+            # With RETURNING, pysqlite counts rows only once they are fetched (0 here): assume a
+            # change (at worst a list is read again).
+            returning = getattr(context.compiled, "effective_returning", None)
+            if table is sweeps and (cursor.rowcount != 0 or returning):
+                conn.info[_CHANGED] = True
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:

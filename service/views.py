@@ -138,9 +138,14 @@ class ViewBuilder:
         # Trials per sweep id (a stored spec never changes): a list of 100 sweeps would otherwise
         # parse 100 specs the first time it is asked for.
         self._n_trials: dict[str, int | None] = {}
+        # The view last made of each record whose view depends on nothing but the record: reused
+        # while the queue hands out that same (frozen) record, as its list cache does.
+        self._views: dict[str, tuple[SweepRecord, SweepView]] = {}
 
     def _files(self, rec: SweepRecord) -> tuple[dict[str, Any] | None, str | None]:
         """(result, tracking uri the job used)."""
+        if not rec.is_terminal:
+            self._final.pop(rec.id, None)  # retried: its old result is not its result any more
         cached = self._final.get(rec.id)
         if cached is not None:
             return cached
@@ -193,8 +198,26 @@ class ViewBuilder:
 
     def views(self, recs: list[SweepRecord]) -> list[SweepView]:
         """Many views in one validation (pydantic-core loops in Rust: 3x faster than one model
-        at a time, most of a 100-sweep list's time)."""
-        return _VIEW_LIST.validate_python([self._data(r) for r in recs])
+        at a time), made only for records not seen before."""
+        out: list[SweepView | None] = []
+        todo: list[int] = []
+        for i, rec in enumerate(recs):
+            hit = self._views.get(rec.id)
+            out.append(hit[1] if hit is not None and hit[0] is rec else None)
+            if out[-1] is None:
+                todo.append(i)
+        if todo:
+            made = _VIEW_LIST.validate_python([self._data(recs[i]) for i in todo])
+            if len(self._views) > 10_000:
+                self._views.clear()
+            for i, view in zip(todo, made):
+                out[i] = view
+                rec = recs[i]
+                # Files of a sweep in flight, or a result still on its way, may change without
+                # the record changing: those views are made afresh each time.
+                if (rec.is_terminal and rec.id in self._final) or (not rec.mlflow_experiment_id and not rec.is_terminal):
+                    self._views[rec.id] = (rec, view)
+        return out  # type: ignore[return-value]
 
 
 _VIEW_LIST = TypeAdapter(list[SweepView])

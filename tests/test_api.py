@@ -726,3 +726,27 @@ def test_spec_from_text_equals_from_yaml_on_every_config_and_bad_spec():
         except yaml.YAMLError as e:
             got = ("raised", str(e))
         assert got == want, text
+
+
+def test_list_shows_every_change_and_a_retried_sweep_drops_its_old_result(client, queue, tmp_path):
+    """Lists are served from the queue's and the views' caches while nothing changed; any change
+    of a record, and a result written after the sweep ended, show in the next list; a retried
+    sweep is listed without its old result."""
+    from worker.lifecycle import SweepFolder
+
+    spec = "name: t\nbase: {dataset: spiral, hidden: [4], epochs: 1}\n"
+    a, b = (post_yaml(client, spec).json()["id"] for _ in range(2))
+    listed = client.get("/sweeps").json()["sweeps"]
+    assert [s["id"] for s in listed] == [b, a] and client.get("/sweeps").json()["sweeps"] == listed
+    queue.update(a, progress={"done": 1})
+    assert client.get("/sweeps").json()["sweeps"][1]["progress"] == {"done": 1}
+    queue.mark(a, SweepState.RUNNING)
+    queue.mark(a, SweepState.FAILED, error="boom")
+    first = client.get("/sweeps").json()["sweeps"][1]
+    assert first["state"] == "failed" and first["result"] is None  # no result.json yet
+    SweepFolder(tmp_path, a).write_result({"state": "failed", "table": []})
+    assert client.get("/sweeps").json()["sweeps"][1]["result"] == {"state": "failed", "table": []}
+    queue.retry(a)
+    again = client.get("/sweeps").json()["sweeps"][1]
+    assert again["state"] == "queued" and again["result"] is None
+    assert client.get(f"/sweeps/{a}").json()["result"] is None

@@ -152,6 +152,47 @@ def test_list_orderings(q):
     assert q.list(S.RUNNING) == [] and q.running() == []
 
 
+def _revision(q) -> int:
+    with q._read() as conn:
+        return conn.execute(sa.text("SELECT rev FROM queue_revision WHERE id = 1")).scalar_one()
+
+
+def test_list_sees_every_change_made_by_another_process(q, queue_url):
+    """Lists are served from memory while the queue's revision stands still: every change made
+    through another SweepQueue (as by the dispatcher's process) shows at once, and writes that
+    change nothing (an empty claim, an unknown id) leave the revision alone."""
+    other = SweepQueue(queue_url)
+    try:
+        a = q.submit("a", "x")
+        first = q.list()
+        assert [r.id for r in first] == [a.id]
+        rev = _revision(q)
+        assert q.claim_next(max_running=1) is not None and q.claim_next(max_running=1) is None
+        rev = _revision(q)
+        assert q.claim_next(max_running=1) is None and _revision(q) == rev  # nothing changed
+        with pytest.raises(KeyError):
+            q.update("sw-000000000000", progress={"done": 1})
+        assert _revision(q) == rev
+        listed = q.list()
+        assert q.list() == listed and _revision(q) == rev
+        # Each kind of write, made elsewhere, is seen by the next list here.
+        b = other.submit("b", "x")
+        assert [r.id for r in q.list()] == [b.id, a.id]
+        other.update(a.id, progress={"done": 3})
+        assert q.list()[1].progress == {"done": 3}
+        other.update(a.id, mlflow_experiment_id="7", mlflow_parent_run_id="p")
+        assert q.list()[1].mlflow_experiment_id == "7"
+        other.cancel(b.id)
+        assert q.list()[0].state is S.CANCELLED and [r.id for r in q.list(S.CANCELLED)] == [b.id]
+        other.mark(a.id, S.FAILED, error="boom")
+        assert q.list(S.FAILED)[0].error == "boom" and q.list(S.RUNNING) == []
+        other.retry(a.id)
+        assert [r.id for r in q.list(S.QUEUED)] == [a.id]
+        assert _revision(q) > rev
+    finally:
+        other.close()
+
+
 # -- ordering and max_running -------------------------------------------------
 
 
