@@ -159,6 +159,9 @@ def record(view: SweepView, spec, cmp, shown: str, command: str) -> dict:
                     "train_seconds": tr.train_seconds}
                    for tr in sorted(cmp.trials, key=lambda t: (t.rule, t.group, t.seed, t.run_id))],
         "machine": machine,
+        # Efficiency (epoch seconds over cores x wall seconds) and per-trial overhead, as the
+        # sweep logged them on its parent run; None for sweeps that predate them.
+        "timing": cmp.timing,
         "table": "comparison.csv",
     }
 
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep_id": view.id, "name": view.name, "state": view.state,
             "tracking_uri": uri, "experiment_id": view.mlflow_experiment_id,
             "parent_run_id": view.mlflow_parent_run_id, "metric": cmp.metric, "mode": cmp.mode,
-            "rows": cmp.rows, "table_markdown": cmp.to_markdown(),
+            "rows": cmp.rows, "table_markdown": cmp.to_markdown(), "timing": cmp.timing,
             "outdir": str(outdir.resolve()), "plots": [str(x) for x in plots],
             "markdown": str(md_path) if md_path else None,
         }, indent=2, default=str))
@@ -293,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     pub = published_line(cmp)
     if pub:
         console.print(pub, highlight=False)
+    timing = cmp.timing_line()
+    if timing:
+        console.print(timing, highlight=False)
     console.print(f"tables and plots (the full table: comparison.md): {shown_path(outdir)}/")
     for x in plots:
         console.print(f"  {shown_path(x)}")

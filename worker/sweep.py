@@ -388,6 +388,11 @@ def run_sweep(
 
     trial_status = _reconcile(c, exp_id, sweep_id, results, progress, ctx)
     unfinished = sum(v for k, v in trial_status.items() if k in UNFINISHED)
+    # The display's last word: the reconciled counts (a resumed sweep whose trials had all
+    # finished before its driver died gets no Tune event at all).
+    progress.done, progress.running, progress.pending = sum(trial_status.get(k, 0) for k in DONE), 0, unfinished
+    if on_progress is not None:
+        on_progress(progress)
     if unfinished:
         state = RunOutcome.INTERRUPTED
     elif trial_status.get(TrialStatus.FAILED, 0) == spec.n_trials():
@@ -409,8 +414,7 @@ def run_sweep(
     return SweepResult(
         sweep_id, state, exp_id, spec.name, parent_id, tracking_uri, spec.n_trials(), trial_status,
         cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
-        {**progress.as_dict(), "done": sum(trial_status.get(k, 0) for k in DONE),
-         "running": 0, "pending": unfinished},
+        progress.as_dict(),
         {k: v for k, v in timing.items() if k != "trial_overhead_s"},
     )
 

@@ -168,6 +168,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     history = meta["history"] if meta else []
 
     ds = trial_dataset(cfg)
+    EPILOGUES.warm()
 
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
         epoch = int(m["epoch"])
@@ -223,8 +224,12 @@ def _epilogue(c, experiment_id: str, run_id: str, res, ds, cfg, created: bool) -
     final = {f"final/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(c, run_id, final, step=len(res.history))
     # A resumed attempt keeps a model an attempt killed during this epilogue already logged (the
-    # same weights: the rerun epochs are deterministic) instead of logging a second one.
-    _log_artifacts(c, run_id, res, ds, cfg, with_model=created or not _has_model(experiment_id, run_id))
+    # same weights: the rerun epochs are deterministic) instead of logging a second one; one it
+    # left half-logged (PENDING) is dropped.
+    with_model = created or not _has_model(experiment_id, run_id)
+    if with_model and not created:
+        _drop_unfinished_models(experiment_id, run_id)
+    _log_artifacts(c, run_id, res, ds, cfg, with_model=with_model)
     c.set_terminated(run_id, "FINISHED")
     c.set_tag(run_id, tracking.TAG_STATUS, res.status)
 
@@ -311,6 +316,15 @@ class _Epilogues:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._warmed = False
+
+    def warm(self) -> None:
+        """Once per process: import what logging a model takes in the background thread, while
+        the trial trains, so a process's first epilogue is not slowed by them (the last epilogue
+        of a process must be done within Tune's grace period when the sweep stops it)."""
+        if not self._warmed:
+            self._warmed = True
+            self.submit(_warm_imports)
 
     def submit(self, fn: Callable, *args) -> None:
         with self._lock:
@@ -345,6 +359,12 @@ class _Epilogues:
         return True
 
 
+def _warm_imports() -> None:
+    import mlflow.models  # noqa: F401
+
+    import worker.mlflow_model  # noqa: F401
+
+
 EPILOGUES = _Epilogues()
 DRAIN_S = 120.0
 
@@ -370,6 +390,16 @@ def _has_model(experiment_id: str, run_id: str) -> bool:
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{run_id}'")
     return any(m.name == "model" and getattr(m.status, "name", str(m.status)) == "READY" for m in models)
+
+
+def _drop_unfinished_models(experiment_id: str, run_id: str) -> None:
+    import mlflow
+
+    models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    for m in models:
+        if m.name == "model" and getattr(m.status, "name", str(m.status)) != "READY":
+            mlflow.MlflowClient().delete_logged_model(m.model_id)
 
 
 def _log_artifacts(c, run_id: str, res, ds, cfg, with_model: bool = True) -> None:
