@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -209,13 +207,10 @@ def _normalise_url(url: str) -> sa.URL:
 
 
 def default_queue_url() -> str:
-    """$SWEEP_DB_URL, else a SQLite file under $SWEEP_DATA_DIR (default ./sweep_data)."""
-    url = os.environ.get("SWEEP_DB_URL")
-    if url:
-        return url
-    data_dir = Path(os.environ.get("SWEEP_DATA_DIR") or Path.cwd() / "sweep_data").resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{data_dir / 'queue.db'}"
+    """The queue database the service settings name (service.settings owns the variables)."""
+    from service.settings import queue_url
+
+    return queue_url()
 
 
 class SweepQueue:

@@ -27,6 +27,16 @@ def data_dir() -> Path:
     return _d()
 
 
+def queue_url(data: Path | None = None) -> str:
+    """$SWEEP_DB_URL, else a SQLite file in the data directory."""
+    url = os.environ.get("SWEEP_DB_URL")
+    if url:
+        return url
+    data = data if data is not None else data_dir()
+    data.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data.resolve() / 'queue.db'}"
+
+
 @dataclass(frozen=True)
 class Settings:
     tracking_uri: str
@@ -51,15 +61,15 @@ class Settings:
 
 
 def load() -> Settings:
-    from service.queue import default_queue_url
     from worker.paths import default_tracking_uri
 
+    data = data_dir()
     return Settings(
         tracking_uri=default_tracking_uri(),
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         service_url=(os.environ.get("SWEEP_SERVICE_URL") or "").rstrip("/") or None,
-        data_dir=data_dir(),
-        db_url=default_queue_url(),
+        data_dir=data,
+        db_url=queue_url(data),
         api_token=os.environ.get("SWEEP_API_TOKEN") or None,
         api_host=os.environ.get("SWEEP_API_HOST", "127.0.0.1"),
         api_port=int(os.environ.get("SWEEP_API_PORT", "8000")),
