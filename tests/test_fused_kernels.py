@@ -208,3 +208,19 @@ def test_engine_steps_are_bit_identical_with_and_without_fusion(rule, act):
     assert (l1, c1, d1) == (l2, c2, d2)
     for k in s1:
         np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+
+
+@pytest.mark.parametrize("shape", [(100, 240), (1, 5), (3, 1), (1000, 17)])
+def test_column_sums_and_means_equal_numpy(shape):
+    x = np.random.default_rng(shape[0]).standard_normal(shape).astype(F32) * F32(3)
+    x[0, 0] = -0.0
+    np.testing.assert_array_equal(B.sum(x, axis=0), np.sum(x, axis=0))
+    np.testing.assert_array_equal(B.mean(x, axis=0), np.mean(x, axis=0))
+    z = np.full((3, 2), -0.0, F32)
+    for a in (x[:1], z, z[:1]):
+        np.testing.assert_array_equal(np.signbit(B.sum(a, axis=0)), np.signbit(np.sum(a, axis=0)))
+        np.testing.assert_array_equal(np.signbit(B.mean(a, axis=0)), np.signbit(np.mean(a, axis=0)))
+    # what the kernel does not take goes to NumPy
+    np.testing.assert_array_equal(B.sum(x.T, axis=0), np.sum(x.T, axis=0))
+    np.testing.assert_array_equal(B.sum(x, axis=0, keepdims=True), np.sum(x, axis=0, keepdims=True))
+    np.testing.assert_array_equal(B.mean(x.astype(np.float64), axis=0), np.mean(x.astype(np.float64), axis=0))

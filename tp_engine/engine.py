@@ -151,11 +151,13 @@ class Engine:
         B, net = self.B, self.net
         fwd = net.forward(x)
         t = self.targets(fwd, y)
-        t_bp = self.targets(fwd, y, rule=RULES["bp"])
+        # bp from the output is its own reference: reuse its targets and gradients (same numbers).
+        is_bp = self.rule is RULES["bp"] and self.top == net.L
+        t_bp = t if is_bp else self.targets(fwd, y, rule=RULES["bp"])
         out: dict[str, Any] = {}
         for l in range(1, net.L + 1):
             g_rule = self.layer_grads(fwd, l, t[l])[0]
-            g_bp = self.layer_grads(fwd, l, t_bp[l])[0]
+            g_bp = g_rule if is_bp else self.layer_grads(fwd, l, t_bp[l])[0]
             out[f"dot/{l}"] = B.sum(g_rule * g_bp)
             out[f"norm_rule/{l}"] = B.sqrt(B.sum(g_rule * g_rule))
             out[f"norm_bp/{l}"] = B.sqrt(B.sum(g_bp * g_bp))

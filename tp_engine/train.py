@@ -126,7 +126,12 @@ def train(
 
         def noise_for(step: int, rng=noise_rng):
             sigma = cfg.noise / (1.0 + step / 100.0) if cfg.noise_decay else cfg.noise
-            return [B.asarray(sigma * rng.standard_normal(s, np.float32)) for s in noise_shapes]
+            out = []
+            for s in noise_shapes:
+                e = rng.standard_normal(s, np.float32)
+                e *= sigma  # in place: the same float32 products as sigma * e, one array fewer
+                out.append(B.asarray(e))
+            return out
 
         def feedback_on(xb, step: int, rng=noise_rng):
             for _ in range(cfg.feedback_iterations):  # fresh noise for every iteration

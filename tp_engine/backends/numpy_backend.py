@@ -75,10 +75,19 @@ class NumpyBackend:
 
     @staticmethod
     def sum(x, axis=None, keepdims=False):
+        if axis == 0 and not keepdims:  # bias gradients: one numba pass, NumPy's order
+            out = _kernels().colsum(x)
+            if out is not None:
+                return out
         return np.sum(x, axis=axis, keepdims=keepdims)
 
     @staticmethod
     def mean(x, axis=None):
+        if axis == 0:
+            out = _kernels().colsum(x)
+            if out is not None:  # np.mean: the float32 sum divided by the count
+                out /= F32(x.shape[0])
+                return out
         return np.mean(x, axis=axis)
 
     @staticmethod

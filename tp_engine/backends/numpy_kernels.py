@@ -66,6 +66,7 @@ def adam(p, g, m, v, lr_t, beta1, beta2, eps, scale):
 
 _EMPTY = np.zeros(1, np.float32)
 f32 = np.float32
+_UNIT = f32(1.0)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -144,10 +145,12 @@ class FusedOptimizer:
             lr_t = f32(hp["lr"] * math.sqrt(1.0 - hp["beta2"] ** t) / (1.0 - hp["beta1"] ** t))
             c = (lr_t, *c)
         for p, g, s in zip(self.params, grads, self.slots):
-            g = _flat(np.ascontiguousarray(g, dtype=np.float32))
+            if not (type(g) is np.ndarray and g.dtype == np.float32 and g.flags.c_contiguous):
+                g = np.ascontiguousarray(g, dtype=np.float32)
+            g = g.reshape(-1)
             if g.size != p.size:
                 raise ValueError(f"gradient of {g.size} values for a parameter of {p.size}")
-            sc = f32(self._scale(g))
+            sc = _UNIT if self.clip is None else f32(self._scale(g))
             if name == "rmsprop":
                 k(p, g, *s, *c, False, sc)
             else:
@@ -277,4 +280,26 @@ def step_back(op: str, x0, y0, y):
         return None
     out = np.empty_like(x0)
     k(x0.reshape(-1), y0.reshape(-1), y.reshape(-1), out.reshape(-1))
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _colsum(x, out):
+    # NumPy's add.reduce over axis 0 of a C-contiguous matrix: from its identity 0 (so a column
+    # of -0.0 sums to +0.0), each row added in order (no pairwise blocking along that axis).
+    n, m = x.shape
+    for j in range(m):
+        out[j] = 0.0
+    for i in range(n):
+        for j in range(m):
+            out[j] += x[i, j]
+
+
+def colsum(x):
+    """``np.sum(x, axis=0)`` of a C-contiguous float32 matrix with rows; None otherwise."""
+    if type(x) is not np.ndarray or x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous \
+            or x.shape[0] == 0:
+        return None
+    out = np.empty(x.shape[1], np.float32)
+    _colsum(x, out)
     return out
