@@ -118,6 +118,26 @@ def trial_run(c, name: str):
     return exp, parent, run_id
 
 
+@pytest.mark.parametrize("text, unreachable", [
+    ("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/get failed with exception HTTPConnectionPool("
+     "host='127.0.0.1', port=1): Max retries exceeded with url: /x (Caused by NewConnectionError('...: Failed "
+     "to establish a new connection: [Errno 111] Connection refused'))", True),
+    ("API request to http://h/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool(host='h', "
+     "port=5000): Max retries exceeded with url: /x (Caused by ResponseError('too many 503 error responses'))",
+     True),
+    ("API request to http://h/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool(host='h', "
+     "port=5000): Max retries exceeded with url: /x (Caused by ResponseError('too many 500 error responses'))",
+     False),
+    ("RESOURCE_DOES_NOT_EXIST: Run with id=0 not found", False),
+])
+def test_unreachable_is_told_from_a_refusal(text, unreachable):
+    from mlflow.exceptions import MlflowException
+
+    from worker import tracking
+
+    assert tracking._looks_unavailable(MlflowException(text)) is unreachable
+
+
 def test_outage_mid_trial_buffers_then_delivers_everything_once(server, tmp_path, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -127,6 +147,10 @@ def test_outage_mid_trial_buffers_then_delivers_everything_once(server, tmp_path
 
     c = tracking.client(server.uri)
     exp, _, run_id = trial_run(c, "outage")
+    t = time.monotonic()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        c.get_run("0" * 32)  # a reachable server's refusal is not waited out
+    assert time.monotonic() - t < 10
     model, ds = tiny_model()
     step = 0
     slowest = 0.0

@@ -122,13 +122,17 @@ def _looks_unavailable(e: BaseException) -> bool:
     if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
                       TimeoutError)):
         return True
+    # MLflow wraps those (after its own retries) in an MlflowException that quotes them; a server
+    # that kept answering 500 ("too many 500 error responses") is not unreachable.
     text = str(e)
-    if "failed with exception" in text and "API request to" in text:  # MLflow's wrapper of the above
-        return True
     status = getattr(e, "get_http_status_code", lambda: None)()
-    return status in (502, 503, 504) or any(
-        s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
-                            "RemoteDisconnected", "503 Service Unavailable", "502 Bad Gateway"))
+    return status in (502, 503, 504) or any(s in text for s in _UNREACHABLE)
+
+
+_UNREACHABLE = ("Connection refused", "Failed to establish a new connection", "Connection aborted",
+                "Connection reset", "RemoteDisconnected", "Read timed out", "ConnectTimeout", "timed out",
+                "too many 502 error", "too many 503 error", "too many 504 error", "503 Service Unavailable",
+                "502 Bad Gateway")
 
 
 class _Outage:
@@ -185,6 +189,7 @@ class _Outage:
                         raise
                     self._begin(what, e)
                     self._check_limit(what)
+                    time.sleep(PROBE_FIRST_S)
                     continue
                 self._end()
                 return out
