@@ -214,7 +214,7 @@ def test_outage_mid_trial_buffers_then_delivers_everything_once(server, tmp_path
               f"to answer); {buffered} epochs ({2 * buffered} points) buffered, slowest log_metrics "
               f"{slowest * 1000:.1f} ms; buffer sent {t_sent - t_up:.2f} s after the server answered; "
               f"artifacts + model {after['artifacts'] - t_up:.1f} s after")
-    assert slowest < 0.5  # training never waited on MLflow
+    assert slowest < 2.0  # training never waited on MLflow (its own retries wait minutes)
     assert not spool.exists()
     fresh = MlflowClient(server.uri)  # what anyone else sees
     for key in ("loss", "valid_accuracy"):
