@@ -224,3 +224,11 @@ def test_column_sums_and_means_equal_numpy(shape):
     np.testing.assert_array_equal(B.sum(x.T, axis=0), np.sum(x.T, axis=0))
     np.testing.assert_array_equal(B.sum(x, axis=0, keepdims=True), np.sum(x, axis=0, keepdims=True))
     np.testing.assert_array_equal(B.mean(x.astype(np.float64), axis=0), np.mean(x.astype(np.float64), axis=0))
+
+
+def test_fused_optimizer_only_for_the_optimizers_it_knows():
+    p = np.zeros(3, F32)
+    hp = {"lr": 0.1, "momentum": 0.0, "clip_norm": None, "eps": 1e-3}
+    assert K.make_fused("nadam", [p], {"m": [np.zeros(3, F32)]}, hp) is None
+    assert K.make_fused("sgd", [p.astype(np.float64)], {"mom": [np.zeros(3)]}, hp) is None  # not float32
+    assert K.make_fused("sgd", [p], {"mom": [np.zeros(3, F32)]}, hp) is not None

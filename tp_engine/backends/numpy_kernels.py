@@ -104,6 +104,8 @@ class FusedOptimizer:
     float32 hyperparameters) done once here. Slots and parameters are updated in place, so they
     must stay the same arrays (loading a state assigns into them)."""
 
+    NAMES = ("sgd", "rmsprop", "rmsprop_centered", "adam")
+
     def __init__(self, name: str, params: list, slots: dict[str, list], hp: dict):
         self.name = name
         self.hp = hp
@@ -160,7 +162,7 @@ class FusedOptimizer:
 def make_fused(name: str, params: list, slots: dict[str, list], hp: dict) -> FusedOptimizer | None:
     """A :class:`FusedOptimizer` for optimizer ``name``, or None when it has no fused kernel or a
     parameter is not a contiguous float32 array (then each step goes through optimizer_step)."""
-    if name not in FUSED:
+    if name not in FusedOptimizer.NAMES:  # a kernel added to FUSED alone runs per parameter
         return None
     arrays = list(params) + [a for v in slots.values() for a in v]
     if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
