@@ -1,5 +1,6 @@
 """TensorFlow backend: variables on CPU or GPU, local gradients from GradientTape, steps compiled
-with tf.function (XLA when ``jit_compile``), optimizer updates by TensorFlow's fused training ops.
+with tf.function (XLA when ``jit_compile``; on CPU not for steps that solve linear systems), optimizer
+updates by TensorFlow's fused training ops.
 
 TensorFlow is imported only here, and only when this backend is asked for.
 """
@@ -170,15 +171,49 @@ class TensorflowBackend:
         fused(tf, p, g, slots, hp, t)
 
     def compile(self, fn):
-        compiled = self.tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
-        device = self.device
-        tf = self.tf
+        """``fn`` as a tf.function. With ``jit_compile``, XLA compiles it, except on CPU when its
+        graph holds a matrix decomposition (lstp, rlstp: ``solve``): XLA's CPU decompositions are
+        loops of small ops, ~4x slower than TensorFlow's own kernels (a 240x240 solve with 100
+        right-hand sides: ~15 ms vs ~3.5 ms), which made those rules slower than NumPy; such a
+        function runs as a plain graph (lstp's step: ~2.5x faster). The choice is made once, at
+        the first call, from the traced graph (tracing alone does not compile)."""
+        tf, device = self.tf, self.device
+        chosen = None
 
         def run(*args):
+            nonlocal chosen
             with tf.device(device):
-                return compiled(*args)
+                if chosen is None:
+                    chosen, run.xla = self._choose(fn, args)
+                return chosen(*args)
 
+        run.xla = None  # after the first call: whether XLA compiled the step
         return run
+
+    def _choose(self, fn, args):
+        """(tf.function of ``fn``, whether it is XLA-compiled), traced on ``args``."""
+        tf = self.tf
+        if self.jit_compile:
+            xla = tf.function(fn, jit_compile=True, reduce_retracing=True)
+            if "GPU" in self.device or _XLA_SLOW_OPS.isdisjoint(_op_types(xla.get_concrete_function(*args).graph)):
+                return xla, True
+        return tf.function(fn, reduce_retracing=True), False
+
+
+# Ops XLA runs much slower than TensorFlow's kernels on CPU (decompositions and solves); a step
+# holding one is not compiled with XLA (TensorflowBackend.compile).
+_XLA_SLOW_OPS = frozenset({
+    "MatrixSolve", "MatrixSolveLs", "MatrixInverse", "MatrixTriangularSolve", "Cholesky", "Qr", "Svd",
+    "SelfAdjointEigV2", "Lu", "MatrixDeterminant", "LogMatrixDeterminant",
+})
+
+
+def _op_types(graph) -> set[str]:
+    """Op types of a traced graph, including the functions it calls."""
+    types = {op.type for op in graph.get_operations()}
+    for f in graph.as_graph_def().library.function:
+        types.update(node.op for node in f.node_def)
+    return types
 
 
 # -- fused updates: optimizer name (tp_engine.optimizers.OPTIMIZERS) -> raw training op -----------
