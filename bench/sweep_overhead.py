@@ -121,8 +121,15 @@ def run_tune(spec, workdir: Path) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    for attempt in range(3):  # a loaded machine can exceed the raylet's 30 s to start
+        try:
+            ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     ray_init_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             from worker.spec import SweepSpec
 
             spec = SweepSpec.from_yaml(Path(args.spec).read_text())
-            epochs, spe, dataset, hidden = spec.base.epochs, None, spec.base.dataset, list(spec.base.hidden)
+            base = spec.trial_config(spec.expand()[0]["params"] | {"seed": spec.expand()[0]["seed"]})
+            epochs, spe, dataset, hidden = base.epochs, None, base.dataset, list(base.hidden)
             log(f"{spec.n_trials()} trials of {args.spec}")
         else:
             dataset = args.dataset
