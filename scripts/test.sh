@@ -34,7 +34,8 @@ if (($#)); then
 fi
 # The cluster end-to-end tests get their own process: Ray reads its auth mode once per process,
 # and they talk to a token-protected cluster while other tests run token-free local Rays.
+# --durations: where the run's time went, for whoever has to keep it short.
 rc=0
-.venv/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_e2e_cluster.py || rc=$?
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_e2e_cluster.py || rc=$?
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 --ignore=tests/test_e2e_cluster.py || rc=$?
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=6 tests/test_e2e_cluster.py || rc=$?
 exit $rc
