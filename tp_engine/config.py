@@ -109,7 +109,8 @@ class TrialConfig(BaseModel):
 
     # Diagnostics: angle to backprop and local losses are measured on this many training rows.
     diag_size: int = Field(1000, ge=1)
-    # TensorFlow path: compile the step with XLA.
+    # TensorFlow path: compile the step with XLA (on CPU, not a step that solves linear systems,
+    # lstp and rlstp: TensorFlow's own solve is ~4x faster than XLA's there).
     jit_compile: bool = True
 
     @model_validator(mode="before")
