@@ -424,16 +424,42 @@ def replay_spool(c: MlflowClient, run_id: str) -> int:
 
 # ---- runs ------------------------------------------------------------------------------------
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses GenAI (traces, token
+# usage) for an experiment with no runs yet; model training opens on the runs table.
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(c: MlflowClient, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # a kind the user chose is kept
+            c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:  # created concurrently
         return c.get_experiment_by_name(name).experiment_id
+
+
+def log_dataset(c: MlflowClient, run_id: str, name: str, features, targets, context: str = "train") -> str:
+    """Record the data a trial trained on as the run's dataset input (MLflow's Dataset column):
+    its name and a digest of its rows, so runs on different data (dataset, subset, seed of the
+    split) are told apart. Returns the digest."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = mlflow.data.from_numpy(features, targets=targets, name=name)
+    c.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+    return ds.digest
+
+
+# The parent run's description (MLflow shows it on the run's page): where the comparison is.
+PARENT_NOTE = (
+    "Sweep {sweep_id}. One nested run per trial (expand this run in the runs table, or group by the "
+    "`rule` tag). When the sweep ends, the comparison of the rules is in this run's artifacts: "
+    "`comparison/comparison.md` (the table) and the plots beside it; `spec.yaml` is the spec it ran."
+)
 
 
 def find_run(c: MlflowClient, exp_id: str, **tags: str):
@@ -451,7 +477,8 @@ def parent_run(c: MlflowClient, exp_id: str, sweep_id: str, spec_yaml: str, desc
     run = c.create_run(
         exp_id,
         run_name=f"sweep {sweep_id}",
-        tags={TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP, TAG_NOTE: description or ""},
+        tags={TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP,
+              TAG_NOTE: "\n\n".join(t for t in (description, PARENT_NOTE.format(sweep_id=sweep_id)) if t)},
     )
     c.log_text(run.info.run_id, spec_yaml, "spec.yaml")
     return run.info.run_id
