@@ -305,7 +305,7 @@ def trial_dataset(cfg):
 def _slim(ds):
     """What an epilogue needs of a dataset (a few test rows to draw and to sign the model with),
     so a queued epilogue does not hold a whole copy while the next trial loads its own."""
-    empty = {k: getattr(ds, k)[:0] for k in ("x_train", "y_train", "x_valid", "y_valid")}
+    empty = {k: getattr(ds, k)[:0].copy() for k in ("x_train", "y_train", "x_valid", "y_valid")}  # not views
     return replace(ds, **empty, x_test=ds.x_test[:8].copy(), y_test=ds.y_test[:8].copy())
 
 
