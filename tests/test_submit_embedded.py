@@ -73,6 +73,11 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     children = c.search_runs([out["experiment_id"]],
                              f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+    # Each trial's run names its data (the MLflow UI's Dataset column); both trials trained on the same rows.
+    inputs = [c.get_run(run.info.run_id).inputs.dataset_inputs for run in children]
+    assert all(len(i) == 1 and i[0].dataset.name == "spiral" for i in inputs), inputs
+    assert len({i[0].dataset.digest for i in inputs}) == 1
+    assert c.get_experiment(out["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
     epochs = {run.info.run_id: len(c.get_metric_history(run.info.run_id, "valid_accuracy")) for run in children}
     assert set(epochs.values()) == {2}
 
@@ -179,6 +184,9 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
 PARTLY = """\
 name: embedded-partly
 base: {dataset: spiral, hidden: [8], epochs: 3, batch_size: 50, subset: 400, diag_size: 100}
+# The second trial runs long enough (seconds) to be caught mid-way: it starts in the first's
+# reused process at once, while the first is still logging its model.
+rule_overrides: {dtp: {epochs: 150, subset: 2000}}
 parameters:
   rule: {distribution: values, values: [bp, dtp]}
 search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 1}
@@ -270,9 +278,10 @@ def test_retry_of_a_partly_run_failed_sweep(tmp_path):
     for run in runs:
         assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
         got = sorted(c.get_metric_history(run.info.run_id, "valid_accuracy"), key=lambda m: m.step)
-        assert [m.step for m in got] == [1, 2, 3], run.data.tags["rule"]  # each epoch once
+        cfg = load_spec(PARTLY).trial_config({"rule": run.data.tags["rule"], "seed": 0})
+        assert [m.step for m in got] == list(range(1, cfg.epochs + 1)), run.data.tags["rule"]  # each epoch once
         # ... with the values of the same trial trained straight through.
-        straight = train(load_spec(PARTLY).trial_config({"rule": run.data.tags["rule"], "seed": 0})).history
+        straight = train(cfg).history
         assert [m.value for m in got] == [h["valid_accuracy"] for h in straight], run.data.tags["rule"]
     # The trial finished before the kill was not run again.
     kept = next(run for run in runs if run.info.run_id == before.info.run_id)

@@ -168,6 +168,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     history = meta["history"] if meta else []
 
     ds = trial_dataset(cfg)
+    if created:  # the run's Dataset column in the MLflow UI: the data's name and digest
+        tracking.with_retry(c, "the trial's dataset input",
+                            lambda: tracking.log_dataset(c, run_id, cfg.dataset, ds.x_train, ds.y_train))
     EPILOGUES.warm()
 
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
@@ -225,11 +228,18 @@ def _epilogue(c, experiment_id: str, run_id: str, res, ds, cfg, created: bool) -
     tracking.log_metrics(c, run_id, final, step=len(res.history))
     # A resumed attempt keeps a model an attempt killed during this epilogue already logged (the
     # same weights: the rerun epochs are deterministic) instead of logging a second one; one it
-    # left half-logged (PENDING) is dropped.
-    with_model = created or not _has_model(experiment_id, run_id)
-    if with_model and not created:
-        _drop_unfinished_models(experiment_id, run_id)
-    _log_artifacts(c, run_id, res, ds, cfg, with_model=with_model)
+    # left half-logged (PENDING) is dropped. During an MLflow outage this waits for the server and
+    # is made again (tracking.with_retry); a try the outage cut off mid-model is dropped the same way.
+    tries = []
+
+    def artifacts() -> None:
+        with_model = (created and not tries) or not _has_model(experiment_id, run_id)
+        if with_model and (tries or not created):
+            _drop_unfinished_models(experiment_id, run_id)
+        tries.append(1)
+        _log_artifacts(c, run_id, res, ds, cfg, with_model=with_model)
+
+    tracking.with_retry(c, "the trial's model and artifacts", artifacts)
     c.set_terminated(run_id, "FINISHED")
     c.set_tag(run_id, tracking.TAG_STATUS, res.status)
 
