@@ -434,6 +434,10 @@ def _reconcile(c, exp_id: str, sweep_id: str, results, progress: Progress, ctx=N
         trial_id = last.get("trial_id")
         run = tracking.find_run(c, exp_id, **{tracking.TAG_SWEEP: sweep_id, tracking.TAG_TRIAL: trial_id}) if trial_id else None
         tagged = run.data.tags.get(tracking.TAG_STATUS) if run is not None else None
+        if run is not None:
+            # Points a trial's process still held when it was stopped (MLflow away or slow to
+            # answer then): its spool, on shared storage, is sent from here (never twice).
+            tracking.replay_spool(c, run.info.run_id)
         reported = last.get("status")
         if reported in (S.COMPLETED, S.DIVERGED):
             status = S(reported)
