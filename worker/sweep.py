@@ -331,7 +331,8 @@ def run_sweep(
     Path(root).mkdir(parents=True, exist_ok=True)
     c = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(c, spec.name)
-    parent_id = tracking.parent_run(c, exp_id, sweep_id, spec.to_yaml(), spec.description or "")
+    parent_id = tracking.parent_run(c, exp_id, sweep_id, spec.to_yaml(), spec.description or "",
+                                    spec.search.metric, spec.search.mode)
     c.set_tag(parent_id, tracking.TAG_TRIALS, str(spec.n_trials()))
     if on_start:
         on_start(exp_id, parent_id)
@@ -408,6 +409,13 @@ def run_sweep(
     artifacts = [str(p) for p in publish(c, parent_id, cmp, Path(exp_path) / "comparison")]
     for k, v in trial_status.items():
         c.log_metric(parent_id, f"trials/{k}", v)
+    try:  # the experiment's description: this sweep's figures and its pages in the MLflow UI
+        best = {r.get("group", r["rule"]): r["metric_mean"] for r in cmp.rows if r["metric_mean"] is not None}
+        links = tracking.sweep_links(exp_id, parent_id, sweep_id, spec.search.metric, spec.search.mode)
+        tracking.describe_experiment(c, exp_id, tracking.experiment_note(
+            sweep_id, state, spec.n_trials(), spec.search.metric, best, links))
+    except Exception as e:  # noqa: BLE001  a pointer to the results, not a result
+        print(f"worker.sweep: could not describe the experiment: {e}", file=sys.stderr, flush=True)
     timing["run_wall_s"] = time.time() - t0
     c.set_tag(parent_id, tracking.TAG_SWEEP_STATE, state)
     c.set_terminated(parent_id, {RunOutcome.SUCCEEDED: "FINISHED", RunOutcome.FAILED: "FAILED"}.get(state, "KILLED"))

@@ -424,8 +424,8 @@ def replay_spool(c: MlflowClient, run_id: str) -> int:
 
 # ---- runs ------------------------------------------------------------------------------------
 
-# MLflow 3's UI opens an experiment by its kind: without this tag it guesses GenAI (traces, token
-# usage) for an experiment with no runs yet; model training opens on the runs table.
+# The experiment's kind. Earlier MLflow 3 UIs open an experiment by it (model training: on its
+# runs); 3.17's follows its sidebar switch instead (see ui_link), which is why the links exist.
 TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -454,12 +454,78 @@ def log_dataset(c: MlflowClient, run_id: str, name: str, features, targets, cont
     return ds.digest
 
 
-# The parent run's description (MLflow shows it on the run's page): where the comparison is.
+# MLflow 3.17's UI opens an experiment on the side of its sidebar switch (GenAI | Model training)
+# that the browser last chose, GenAI in a new browser: a traces overview with nothing in it. A link
+# carrying workflowType=machine_learning opens on the runs whatever the switch says. Links are
+# relative (the UI's hash routes), so they work wherever the store is served.
+UI_QUERY = {"workflowType": "machine_learning"}
+TAG_OWN_NOTE = "tp.note"  # the experiment description a sweep last wrote (one a user wrote is kept)
+
+
+def ui_link(exp_id: str, run_id: str | None = None, artifact: str | None = None, *, trials_of: str | None = None,
+            metric: str | None = None, mode: str = "max", charts: bool = False) -> str:
+    """A link into the MLflow UI: an experiment's runs, a run or one of its artifacts, or the
+    trials of sweep ``trials_of``: listed flat (a search filter stops the UI nesting them under
+    the collapsed parent run, which hid them from the table and the charts), best ``metric``
+    first, as the table or the charts (the UI charts the first 10 runs listed)."""
+    from urllib.parse import quote, urlencode
+
+    query = dict(UI_QUERY)
+    if run_id:
+        path = f"#/experiments/{exp_id}/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "")
+    else:
+        path = f"#/experiments/{exp_id}/runs"
+        if trials_of:
+            query["searchFilter"] = f"tags.`{TAG_KIND}` = '{KIND_TRIAL}' and tags.`{TAG_SWEEP}` = '{trials_of}'"
+        if metric:
+            query["orderByKey"], query["orderByAsc"] = f"metrics.`{metric}`", str(mode == "min").lower()
+        if charts:
+            query["compareRunsMode"] = "CHART"
+    return path + "?" + urlencode(query, quote_via=quote)
+
+
+def sweep_links(exp_id: str, parent_id: str, sweep_id: str, metric: str = "", mode: str = "max") -> dict[str, str]:
+    """The UI's pages of a sweep: its comparison table and plots (artifacts of the parent run,
+    there once the sweep ends), its trials as a table and as charts, its parent run."""
+    return {
+        "comparison": ui_link(exp_id, parent_id, "comparison/comparison.md"),
+        "plots": ui_link(exp_id, parent_id, "comparison"),
+        "trials": ui_link(exp_id, trials_of=sweep_id, metric=metric or None, mode=mode),
+        "charts": ui_link(exp_id, trials_of=sweep_id, metric=metric or None, mode=mode, charts=True),
+        "parent": ui_link(exp_id, parent_id),
+    }
+
+
+# The parent run's description (MLflow shows it on the run's page, in Markdown): where the
+# comparison is, as links.
 PARENT_NOTE = (
-    "Sweep {sweep_id}. One nested run per trial (expand this run in the runs table, or group by the "
-    "`rule` tag). When the sweep ends, the comparison of the rules is in this run's artifacts: "
-    "`comparison/comparison.md` (the table) and the plots beside it; `spec.yaml` is the spec it ran."
+    "Sweep {sweep_id}: one nested run per trial. When it ends, the comparison of the rules is in this "
+    "run's artifacts: [the table]({comparison}) (`comparison/comparison.md`) and [the plots]({plots}) "
+    "beside it; `spec.yaml` is the spec it ran. Its trials, best first: [table]({trials}), [charts]({charts})."
 )
+
+
+def experiment_note(sweep_id: str, state: str, n_trials: int, metric: str, best: dict[str, float],
+                    links: dict[str, str]) -> str:
+    """The experiment's description, about its latest sweep. Its first line is plain text, as the
+    experiments list shows it (one line, Markdown not rendered); the runs page shows it all above
+    the runs table, links rendered."""
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in best.items())
+    head = f"Latest sweep {sweep_id} ({state}, {n_trials} trials)" + (f": {metric} {figures}." if figures else ".")
+    return (f"{head}\n\n[Comparison of the rules]({links['comparison']}) · [plots]({links['plots']}) · "
+            f"[trials]({links['trials']}) · [charts]({links['charts']}) · [sweep run]({links['parent']})")
+
+
+def describe_experiment(c: MlflowClient, exp_id: str, note: str) -> bool:
+    """Set the experiment's description to ``note`` unless a user wrote their own (one that is not
+    the note a sweep last wrote). True if it was set."""
+    tags = c.get_experiment(exp_id).tags
+    current = tags.get(TAG_NOTE)
+    if current and current != tags.get(TAG_OWN_NOTE):
+        return False
+    c.set_experiment_tag(exp_id, TAG_NOTE, note)
+    c.set_experiment_tag(exp_id, TAG_OWN_NOTE, note)
+    return True
 
 
 def find_run(c: MlflowClient, exp_id: str, **tags: str):
@@ -468,20 +534,21 @@ def find_run(c: MlflowClient, exp_id: str, **tags: str):
     return runs[0] if runs else None
 
 
-def parent_run(c: MlflowClient, exp_id: str, sweep_id: str, spec_yaml: str, description: str = "") -> str:
-    """The sweep's parent run, created once; a resumed sweep reopens it."""
+def parent_run(c: MlflowClient, exp_id: str, sweep_id: str, spec_yaml: str, description: str = "",
+               metric: str = "", mode: str = "max") -> str:
+    """The sweep's parent run, created once; a resumed sweep reopens it. ``metric`` and ``mode``
+    (the spec's search metric) order the trials its description links to."""
     run = find_run(c, exp_id, **{TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP})
     if run is not None:
         c.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
-    run = c.create_run(
-        exp_id,
-        run_name=f"sweep {sweep_id}",
-        tags={TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP,
-              TAG_NOTE: "\n\n".join(t for t in (description, PARENT_NOTE.format(sweep_id=sweep_id)) if t)},
-    )
-    c.log_text(run.info.run_id, spec_yaml, "spec.yaml")
-    return run.info.run_id
+    run = c.create_run(exp_id, run_name=f"sweep {sweep_id}", tags={TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP})
+    run_id = run.info.run_id
+    # The links name the run, so the description comes once it exists.
+    note = PARENT_NOTE.format(sweep_id=sweep_id, **sweep_links(exp_id, run_id, sweep_id, metric, mode))
+    c.set_tag(run_id, TAG_NOTE, "\n\n".join(t for t in (description, note) if t))
+    c.log_text(run_id, spec_yaml, "spec.yaml")
+    return run_id
 
 
 def child_run(c: MlflowClient, exp_id: str, parent_id: str, sweep_id: str, trial_id: str,
