@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from worker import tracking
+from worker.spec.sections import SearchConfig
 
 
 def test_experiment_kind_is_model_training_unless_the_user_chose_one(tmp_path):
@@ -37,6 +38,11 @@ def test_parent_run_description_points_at_the_comparison(tmp_path):
     note = c.get_run(run_id).data.tags[tracking.TAG_NOTE]
     assert note.startswith("my study of rules\n\n")
     assert "sw-0123456789ab" in note and "comparison/comparison.md" in note
+    # Without a metric, the trials are sorted by a spec's default one: sorted by time, the UI
+    # would nest them under the parent again.
+    assert _query(_links(note)["table"])[1]["orderByKey"] == f"metrics.`{SearchConfig().metric}`"
+    with pytest.raises(ValueError):
+        tracking.ui_link(exp, trials_of="sw-0123456789ab")
 
 
 def test_dataset_input_names_the_data_and_tells_different_data_apart(tmp_path):

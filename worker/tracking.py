@@ -465,9 +465,10 @@ TAG_OWN_NOTE = "tp.note"  # the experiment description a sweep last wrote (one a
 def ui_link(exp_id: str, run_id: str | None = None, artifact: str | None = None, *, trials_of: str | None = None,
             metric: str | None = None, mode: str = "max", charts: bool = False) -> str:
     """A link into the MLflow UI: an experiment's runs, a run or one of its artifacts, or the
-    trials of sweep ``trials_of``: listed flat (a search filter stops the UI nesting them under
-    the collapsed parent run, which hid them from the table and the charts), best ``metric``
-    first, as the table or the charts (the UI charts the first 10 runs listed)."""
+    trials of sweep ``trials_of`` without its parent run, best ``metric`` first, as the table or
+    the charts (the UI charts the first 10 runs listed). Sorted by anything but time, the UI lists
+    runs flat; sorted by time it nests them under their collapsed parent, which hid the trials
+    from the table and the charts."""
     from urllib.parse import quote, urlencode
 
     query = dict(UI_QUERY)
@@ -476,6 +477,8 @@ def ui_link(exp_id: str, run_id: str | None = None, artifact: str | None = None,
     else:
         path = f"#/experiments/{exp_id}/runs"
         if trials_of:
+            if not metric:
+                raise ValueError("a sweep's trials are listed flat only sorted by a metric")
             query["searchFilter"] = f"tags.`{TAG_KIND}` = '{KIND_TRIAL}' and tags.`{TAG_SWEEP}` = '{trials_of}'"
         if metric:
             query["orderByKey"], query["orderByAsc"] = f"metrics.`{metric}`", str(mode == "min").lower()
@@ -484,14 +487,14 @@ def ui_link(exp_id: str, run_id: str | None = None, artifact: str | None = None,
     return path + "?" + urlencode(query, quote_via=quote)
 
 
-def sweep_links(exp_id: str, parent_id: str, sweep_id: str, metric: str = "", mode: str = "max") -> dict[str, str]:
+def sweep_links(exp_id: str, parent_id: str, sweep_id: str, metric: str, mode: str = "max") -> dict[str, str]:
     """The UI's pages of a sweep: its comparison table and plots (artifacts of the parent run,
     there once the sweep ends), its trials as a table and as charts, its parent run."""
     return {
         "comparison": ui_link(exp_id, parent_id, "comparison/comparison.md"),
         "plots": ui_link(exp_id, parent_id, "comparison"),
-        "trials": ui_link(exp_id, trials_of=sweep_id, metric=metric or None, mode=mode),
-        "charts": ui_link(exp_id, trials_of=sweep_id, metric=metric or None, mode=mode, charts=True),
+        "trials": ui_link(exp_id, trials_of=sweep_id, metric=metric, mode=mode),
+        "charts": ui_link(exp_id, trials_of=sweep_id, metric=metric, mode=mode, charts=True),
         "parent": ui_link(exp_id, parent_id),
     }
 
@@ -535,9 +538,12 @@ def find_run(c: MlflowClient, exp_id: str, **tags: str):
 
 
 def parent_run(c: MlflowClient, exp_id: str, sweep_id: str, spec_yaml: str, description: str = "",
-               metric: str = "", mode: str = "max") -> str:
+               metric: str | None = None, mode: str | None = None) -> str:
     """The sweep's parent run, created once; a resumed sweep reopens it. ``metric`` and ``mode``
-    (the spec's search metric) order the trials its description links to."""
+    (the spec's search metric, by default a spec's default) order the trials its description
+    links to."""
+    from worker.spec.sections import SearchConfig
+
     run = find_run(c, exp_id, **{TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP})
     if run is not None:
         c.update_run(run.info.run_id, status="RUNNING")
@@ -545,7 +551,9 @@ def parent_run(c: MlflowClient, exp_id: str, sweep_id: str, spec_yaml: str, desc
     run = c.create_run(exp_id, run_name=f"sweep {sweep_id}", tags={TAG_SWEEP: sweep_id, TAG_KIND: KIND_SWEEP})
     run_id = run.info.run_id
     # The links name the run, so the description comes once it exists.
-    note = PARENT_NOTE.format(sweep_id=sweep_id, **sweep_links(exp_id, run_id, sweep_id, metric, mode))
+    default = SearchConfig()
+    links = sweep_links(exp_id, run_id, sweep_id, metric or default.metric, mode or default.mode)
+    note = PARENT_NOTE.format(sweep_id=sweep_id, **links)
     c.set_tag(run_id, TAG_NOTE, "\n\n".join(t for t in (description, note) if t))
     c.log_text(run_id, spec_yaml, "spec.yaml")
     return run_id
