@@ -306,6 +306,7 @@ def summary_json(res) -> dict[str, Any]:
 def print_result(console, res, tracking_uri_set_by_user: bool) -> None:
     from service.report import shown_path, shown_uri
     from service.status import COMPARISON_TITLE, comparison_view
+    from worker.tracking import ui_link
 
     console.print(f"\nsweep [bold]{res.sweep_id}[/]: {res.state} {res.trial_status} in {res.seconds:.0f} s")
     console.print(comparison_view(res.table, console, COMPARISON_TITLE))
@@ -314,7 +315,9 @@ def print_result(console, res, tracking_uri_set_by_user: bool) -> None:
     console.print("open the MLflow UI with:")
     uri = shown_uri(res.tracking_uri, tracking_uri_set_by_user)
     console.print(f"  [bold]mlflow ui --backend-store-uri {uri}[/]", soft_wrap=True)
-    console.print(f"  then http://127.0.0.1:5000, experiment '{res.experiment_name}'")
+    # A link that opens on the runs: a new browser's MLflow UI opens an experiment on its GenAI side.
+    console.print(f"  then http://127.0.0.1:5000/{ui_link(res.experiment_id)} (experiment '{res.experiment_name}')",
+                  soft_wrap=True)
 
 
 class _LiveProgress:
