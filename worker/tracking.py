@@ -450,7 +450,16 @@ def log_dataset(c: MlflowClient, run_id: str, name: str, features, targets, cont
     from mlflow.entities import DatasetInput, InputTag
 
     ds = mlflow.data.from_numpy(features, targets=targets, name=name)
-    c.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    try:
+        c.log_inputs(run_id, datasets=inputs)
+    except mlflow.exceptions.MlflowException as e:
+        # Trials that start together log the same rows into the experiment at once, and the
+        # store's insert of the shared dataset row can lose that race ("UNIQUE constraint
+        # failed"). The row exists now: linking it to this run again succeeds.
+        if "unique constraint" not in str(e).lower() and "duplicate" not in str(e).lower():
+            raise
+        c.log_inputs(run_id, datasets=inputs)
     return ds.digest
 
 
