@@ -122,12 +122,14 @@ def test_experiment_description_is_the_latest_sweeps_unless_a_user_wrote_one(tmp
     for sweep in ("sw-aaaaaaaaaaaa", "sw-bbbbbbbbbbbb"):
         parent = tracking.parent_run(c, exp, sweep, "name: e\n", metric="valid_accuracy")
         links = tracking.sweep_links(exp, parent, sweep, "valid_accuracy")
-        note[sweep] = tracking.experiment_note(sweep, "succeeded", 4, "valid_accuracy", {"bp": 0.9483, "dtp": 0.94}, links)
+        note[sweep] = tracking.experiment_note(sweep, "succeeded", 4, 4, "valid_accuracy", {"bp": 0.9483, "dtp": 0.94}, links)
         assert tracking.describe_experiment(c, exp, note[sweep])
         assert c.get_experiment(exp).tags[tracking.TAG_NOTE] == note[sweep]  # the latest replaces ours
     first_line = note["sw-bbbbbbbbbbbb"].splitlines()[0]
     # The experiments list shows the first line as plain text: the figures, no Markdown.
     assert first_line == "Latest sweep sw-bbbbbbbbbbbb (succeeded, 4 trials): valid_accuracy bp 0.9483, dtp 0.9400."
+    partial = tracking.experiment_note("sw-cccccccccccc", "interrupted", 1, 4, "valid_accuracy", {"bp": 0.9}, links)
+    assert partial.splitlines()[0] == "Latest sweep sw-cccccccccccc (interrupted, 1 of 4 trials done): valid_accuracy bp 0.9000."
     got = _links(note["sw-bbbbbbbbbbbb"])
     assert got["Comparison of the rules"] == links["comparison"] and got["trials"] == links["trials"]
     c.set_experiment_tag(exp, tracking.TAG_NOTE, "my notes")

@@ -413,7 +413,7 @@ def run_sweep(
         best = {r.get("group", r["rule"]): r["metric_mean"] for r in cmp.rows if r["metric_mean"] is not None}
         links = tracking.sweep_links(exp_id, parent_id, sweep_id, spec.search.metric, spec.search.mode)
         tracking.describe_experiment(c, exp_id, tracking.experiment_note(
-            sweep_id, state, spec.n_trials(), spec.search.metric, best, links))
+            sweep_id, state, progress.done, spec.n_trials(), spec.search.metric, best, links))
     except Exception as e:  # noqa: BLE001  a pointer to the results, not a result
         print(f"worker.sweep: could not describe the experiment: {e}", file=sys.stderr, flush=True)
     timing["run_wall_s"] = time.time() - t0
