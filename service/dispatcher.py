@@ -76,7 +76,7 @@ log = logging.getLogger("service.dispatcher")
 
 ENTRYPOINT = "python -m worker.job {sweep_id}"
 # Variables of the service's environment passed on to the job when set (trials inherit them).
-PASS_THROUGH_ENV = ("TP_FAIL_ONCE_MARKER", "TF_CPP_MIN_LOG_LEVEL", "TP_MLFLOW_OUTAGE_LIMIT_S")
+PASS_THROUGH_ENV = ("TP_TRIAL_HOOKS", "TF_CPP_MIN_LOG_LEVEL", "TP_MLFLOW_OUTAGE_LIMIT_S")
 # Ray job error types that say the job was lost rather than that the sweep failed: resubmitted.
 INFRA_ERRORS = frozenset({"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"})
 

@@ -171,6 +171,21 @@ def test_head_not_ready_then_restarted_uses_one_attempt(tmp_path, monkeypatch, c
     def said() -> str:
         return "\n".join(r.getMessage()[:300] for r in caplog.records[-15:])
 
+    def wait_running(sub_id: str, since: float):
+        """(client, seconds since ``since``) once the head, coming up while the dispatcher keeps
+        trying, runs the job ``sub_id``."""
+        client = None
+        while True:
+            assert time.monotonic() - since < 180, said()
+            if client is None:
+                try:
+                    client = JobSubmissionClient(head.address)
+                except Exception:  # noqa: BLE001
+                    pass
+            if client is not None and job_status(client, sub_id) == "RUNNING":
+                return client, time.monotonic() - since
+            time.sleep(0.5)
+
     head = Head(tmp_path)
     settings = Settings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", ray_address=head.address,
                         service_url=None, data_dir=tmp_path, db_url=f"sqlite:///{tmp_path / 'queue.db'}",
@@ -186,18 +201,7 @@ def test_head_not_ready_then_restarted_uses_one_attempt(tmp_path, monkeypatch, c
         head.start()
         try:
             d.start()
-            client = None
-            while True:  # the head comes up; the dispatcher keeps trying meanwhile
-                assert time.monotonic() - t0 < 180, said()
-                if client is None:
-                    try:
-                        client = JobSubmissionClient(head.address)
-                    except Exception:  # noqa: BLE001
-                        pass
-                if client is not None and job_status(client, sid) == "RUNNING":
-                    break
-                time.sleep(0.5)
-            first = time.monotonic() - t0
+            _, first = wait_running(sid, t0)
             rec = q.get(sid)
             assert rec.state is SweepState.RUNNING and rec.attempts == 1
 
@@ -206,18 +210,7 @@ def test_head_not_ready_then_restarted_uses_one_attempt(tmp_path, monkeypatch, c
             t1 = time.monotonic()
             head.start()
             r2 = submission_id(sid, 2)
-            client = None
-            while True:
-                assert time.monotonic() - t1 < 180, said()
-                if client is None:
-                    try:
-                        client = JobSubmissionClient(head.address)
-                    except Exception:  # noqa: BLE001
-                        pass
-                if client is not None and job_status(client, r2) == "RUNNING":
-                    break
-                time.sleep(0.5)
-            second = time.monotonic() - t1
+            client, second = wait_running(r2, t1)
             time.sleep(2)  # a few more ticks: nothing changes
             rec = q.get(sid)
             assert rec.state is SweepState.RUNNING and rec.attempts == 2, rec

@@ -4,7 +4,7 @@ Covered: two different trials run one after the other in one process, and the se
 per-epoch metrics and final weights equal a fresh process's run of the same config, bit for bit
 (nothing of the first trial leaks into it; the dataset the process keeps is handed out as copies);
 a trial whose model logging is left undone after its last report (its process died, simulated by
-TP_EPILOGUE_FAIL_MARKER) is settled by the driver from its last checkpoint, model included; the
+the tests.faults.fail_deferred_epilogue hook) is settled by the driver from its last checkpoint, model included; the
 driver's per-trial timing (TrialTimer) and the sweep timing the report reads from the parent run.
 """
 from __future__ import annotations
@@ -27,7 +27,10 @@ from worker import tracking  # noqa: E402
 from worker.report import compare_sweep, log_timing, sweep_timing  # noqa: E402
 from worker.spec import SweepSpec  # noqa: E402
 from worker.sweep import TrialTimer, run_sweep  # noqa: E402
-from worker.trainable import EPILOGUE_FAIL_ENV, PROCESS_TAG, STATE_FILE  # noqa: E402
+from worker.trainable import PROCESS_TAG, STATE_FILE, TRIAL_HOOKS_ENV  # noqa: E402
+
+from tests.faults import EPILOGUE_MARKER_ENV  # noqa: E402
+from tests.local_ray import local_ray  # noqa: E402
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -38,36 +41,15 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def epilogue_marker(tmp_path_factory) -> Path:
-    """TP_EPILOGUE_FAIL_MARKER for every worker of this module: epilogues fail while it exists."""
+    """The tests.faults.fail_deferred_epilogue marker every Ray worker of this module sees:
+    deferred epilogues fail while it exists."""
     return tmp_path_factory.mktemp("marker") / "fail_epilogues"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local(epilogue_marker):
-    env = {EPILOGUE_FAIL_ENV: str(epilogue_marker), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
-           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    if ray.is_initialized():
-        ray.shutdown()
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {EPILOGUE_FAIL_ENV: str(epilogue_marker),
-                                               "PYTHONWARNINGS": "ignore"}})
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_ray({TRIAL_HOOKS_ENV: "tests.faults:fail_deferred_epilogue", EPILOGUE_MARKER_ENV: str(epilogue_marker)}):
+        yield
 
 
 @pytest.fixture(autouse=True)

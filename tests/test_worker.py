@@ -32,7 +32,10 @@ if str(ROOT) not in sys.path:  # the editable install may not map the packages y
 from worker import tracking  # noqa: E402
 from worker.spec import SweepSpec  # noqa: E402
 from worker.sweep import run_sweep  # noqa: E402
-from worker.trainable import FAIL_ONCE_ENV  # noqa: E402
+from worker.trainable import TRIAL_HOOKS_ENV  # noqa: E402
+
+from tests.faults import FAIL_ONCE_MARKER_ENV  # noqa: E402
+from tests.local_ray import local_ray  # noqa: E402
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -54,8 +57,8 @@ PARENT_ARTIFACTS = {
 
 @pytest.fixture(scope="module")
 def fail_marker(tmp_path_factory) -> Path:
-    """The TP_FAIL_ONCE_MARKER path every Ray worker of this module sees. While the file exists the
-    hook is disarmed (a trial fails only when the marker is missing); a test arms it by deleting
+    """The tests.faults.fail_once_at_epoch_2 marker every Ray worker of this module sees. While the
+    file exists the fault is disarmed (a trial fails only when the marker is missing); a test arms it by deleting
     it."""
     path = tmp_path_factory.mktemp("marker") / "fail_once"
     path.write_text("disarmed")
@@ -106,34 +109,11 @@ def mlflow_server(mlflow_server_proc) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local(request, fail_marker):
-    """One local Ray for the whole module. TP_FAIL_ONCE_MARKER is set before ray.init so every
-    worker process inherits it (and it is passed as a runtime_env var as well)."""
+    """One local Ray for the whole module, every trial of which runs the fail-once fault hook."""
     if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("mlflow_server_proc")  # boot it now, in the background
-    # The same settings worker.sweep._init_ray makes when it starts Ray itself.
-    env = {FAIL_ONCE_ENV: str(fail_marker), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
-           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    if ray.is_initialized():
-        ray.shutdown()
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {FAIL_ONCE_ENV: str(fail_marker), "PYTHONWARNINGS": "ignore"}})
-            break
-        except Exception:  # "timed out during startup": the raylet gets 30 s, too few when loaded
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_ray({TRIAL_HOOKS_ENV: "tests.faults:fail_once_at_epoch_2", FAIL_ONCE_MARKER_ENV: str(fail_marker)}):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -444,7 +424,7 @@ def test_killed_sweep_resumes_only_missing_trials(tmp_path):
                                                       uri=uri, storage=str(storage), sweep_id=sweep_id))
     # The driver joins this module's Ray cluster (as a Ray Job's driver would): killing it ends
     # its job, and Ray then kills the job's trial actors.
-    env = {k: v for k, v in os.environ.items() if k != FAIL_ONCE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != TRIAL_HOOKS_ENV}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], cwd=tmp_path, env=env,
@@ -543,7 +523,7 @@ def test_driver_killed_right_after_checkpoint_rotation_resumes(tmp_path):
     spec = make_spec(ROTATION_SPEC)
     uri = sqlite_store(tmp_path, spec)
     (tmp_path / "spec.yaml").write_text(spec.to_yaml())
-    env = {k: v for k, v in os.environ.items() if k != FAIL_ONCE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != TRIAL_HOOKS_ENV}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     c = MlflowClient(uri)
     exp_id = c.get_experiment_by_name(spec.name).experiment_id

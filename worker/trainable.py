@@ -16,12 +16,57 @@ from typing import Any, Callable
 
 import numpy as np
 
-# A test hook: when set to a path, the trial raises once at epoch 2 (creating the path), so the
-# retry-from-checkpoint path can be exercised on a real cluster.
-FAIL_ONCE_ENV = "TP_FAIL_ONCE_MARKER"
-# A test hook: when set to a path that exists, a trial's background epilogue fails before logging
-# anything, as if its process had died after its last report (the driver must settle the run).
-EPILOGUE_FAIL_ENV = "TP_EPILOGUE_FAIL_MARKER"
+# Trial hooks: "module:callable[,module:callable...]", each called in the trial's process with a
+# HookEvent at every hook point (see run_trial). An extension point, e.g. for the tests' fault
+# injection (tests/faults.py); a hook that raises fails what it was called for.
+TRIAL_HOOKS_ENV = "TP_TRIAL_HOOKS"
+EPOCH_END, BEFORE_EPILOGUE = "epoch_end", "before_epilogue"
+
+
+@dataclass(frozen=True)
+class HookEvent:
+    """What a trial hook is told. point: EPOCH_END (an epoch is trained, its metrics not yet
+    logged or reported) or BEFORE_EPILOGUE (the model and artifacts of a finished trial are about
+    to be logged; deferred: behind its last report, in the process's background thread)."""
+
+    point: str
+    trial_id: str
+    run_id: str
+    epoch: int
+    metrics: dict[str, float]
+    deferred: bool = False
+
+
+_HOOKS: dict[str, tuple[Callable[[HookEvent], None], ...]] = {}
+
+
+def trial_hooks() -> tuple[Callable[[HookEvent], None], ...]:
+    """The hooks TRIAL_HOOKS_ENV names, imported once per process. Raises RuntimeError naming the
+    variable when one cannot be loaded (the trial then fails instead of running without it)."""
+    import importlib
+
+    spec = os.environ.get(TRIAL_HOOKS_ENV, "").strip()
+    if spec not in _HOOKS:
+        hooks = []
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            module, _, attr = item.partition(":")
+            try:
+                if not module or not attr:
+                    raise ValueError("expected module:callable")
+                fn = getattr(importlib.import_module(module), attr)
+                if not callable(fn):
+                    raise TypeError(f"{attr} is not callable")
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"{TRIAL_HOOKS_ENV}: cannot load the hook {item!r}: "
+                                   f"{type(e).__name__}: {e}") from e
+            hooks.append(fn)
+        _HOOKS[spec] = tuple(hooks)
+    return _HOOKS[spec]
+
+
+def _call_hooks(hooks, event: HookEvent) -> None:
+    for fn in hooks:
+        fn(event)
 
 
 @dataclass(frozen=True)
@@ -138,6 +183,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from worker import tracking
     from worker.spec import SweepSpec
 
+    hooks = trial_hooks()
     spec = SweepSpec.model_validate(ctx.spec)
     cfg = spec.trial_config(dict(params))
     trial_id = tune.get_context().get_trial_id()
@@ -175,10 +221,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
         epoch = int(m["epoch"])
-        marker = os.environ.get(FAIL_ONCE_ENV)
-        if marker and epoch == 2 and not os.path.exists(marker):
-            Path(marker).write_text(trial_id)
-            raise RuntimeError("injected failure (TP_FAIL_ONCE_MARKER)")
+        _call_hooks(hooks, HookEvent(EPOCH_END, trial_id, run_id, epoch, dict(m)))
         if epoch not in logged:
             tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
         history.append(m)
@@ -208,12 +251,16 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         # be rebuilt from it. The model and the rest of the run's epilogue are logged behind the
         # next trial of this process (the trial's run is settled, status tag last, only once they
         # are in; a process that dies first leaves that to the driver: see finish_from_checkpoint).
-        EPILOGUES.submit(_background_epilogue, c, ctx.experiment_id, run_id, res, _slim(ds), cfg, created)
+        event = HookEvent(BEFORE_EPILOGUE, trial_id, run_id, len(res.history), dict(last_epoch["m"]), deferred=True)
+        EPILOGUES.submit(_background_epilogue, hooks, event, c, ctx.experiment_id, run_id, res, _slim(ds), cfg,
+                         created)
         report(last_epoch["m"], res.status, last_epoch["st"], int(last_epoch["m"]["epoch"]),
                last_epoch["m"]["seconds_per_epoch"])
     else:
         # Diverged, or resumed from the checkpoint of its last epoch: no checkpoint goes with the
         # last report, so the run is settled before it.
+        _call_hooks(hooks, HookEvent(BEFORE_EPILOGUE, trial_id, run_id, len(res.history),
+                                     dict(res.history[-1]) if res.history else {}))
         _epilogue(c, ctx.experiment_id, run_id, res, ds, cfg, created)
         report(res.history[-1] if res.history else {}, res.status)
 
@@ -235,7 +282,7 @@ def _epilogue(c, experiment_id: str, run_id: str, res, ds, cfg, created: bool) -
     def artifacts() -> None:
         with_model = (created and not tries) or not _has_model(experiment_id, run_id)
         if with_model and (tries or not created):
-            _drop_unfinished_models(experiment_id, run_id)
+            tracking.discard_pending_models(c, experiment_id, run_id)
         tries.append(1)
         _log_artifacts(c, run_id, res, ds, cfg, with_model=with_model)
 
@@ -244,10 +291,8 @@ def _epilogue(c, experiment_id: str, run_id: str, res, ds, cfg, created: bool) -
     c.set_tag(run_id, tracking.TAG_STATUS, res.status)
 
 
-def _background_epilogue(*args) -> None:
-    marker = os.environ.get(EPILOGUE_FAIL_ENV)
-    if marker and os.path.exists(marker):
-        raise RuntimeError(f"injected epilogue failure ({EPILOGUE_FAIL_ENV})")
+def _background_epilogue(hooks, event: HookEvent, *args) -> None:
+    _call_hooks(hooks, event)
     _epilogue(*args)
 
 
@@ -400,16 +445,6 @@ def _has_model(experiment_id: str, run_id: str) -> bool:
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{run_id}'")
     return any(m.name == "model" and getattr(m.status, "name", str(m.status)) == "READY" for m in models)
-
-
-def _drop_unfinished_models(experiment_id: str, run_id: str) -> None:
-    import mlflow
-
-    models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                         filter_string=f"source_run_id = '{run_id}'")
-    for m in models:
-        if m.name == "model" and getattr(m.status, "name", str(m.status)) != "READY":
-            mlflow.MlflowClient().delete_logged_model(m.model_id)
 
 
 def _log_artifacts(c, run_id: str, res, ds, cfg, with_model: bool = True) -> None:
