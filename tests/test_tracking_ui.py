@@ -125,13 +125,15 @@ def test_experiment_description_is_the_latest_sweeps_unless_a_user_wrote_one(tmp
         note[sweep] = tracking.experiment_note(sweep, "succeeded", 4, 4, "valid_accuracy", {"bp": 0.9483, "dtp": 0.94}, links)
         assert tracking.describe_experiment(c, exp, note[sweep])
         assert c.get_experiment(exp).tags[tracking.TAG_NOTE] == note[sweep]  # the latest replaces ours
-    first_line = note["sw-bbbbbbbbbbbb"].splitlines()[0]
-    # The experiments list shows the first line as plain text: the figures, no Markdown.
-    assert first_line == "Latest sweep sw-bbbbbbbbbbbb (succeeded, 4 trials): valid_accuracy bp 0.9483, dtp 0.9400."
+    head, _, figures = note["sw-bbbbbbbbbbbb"].partition("\n\n")
+    # Folded on the runs page to about a line: the links are in it, the figures after.
+    assert head.startswith("Latest sweep sw-bbbbbbbbbbbb (succeeded, 4 trials): [rule comparison](")
+    assert len(re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", head)) < 100  # as rendered: the links' labels
+    assert figures == "valid_accuracy, mean over seeds of each rule's best config: bp 0.9483, dtp 0.9400."
     partial = tracking.experiment_note("sw-cccccccccccc", "interrupted", 1, 4, "valid_accuracy", {"bp": 0.9}, links)
-    assert partial.splitlines()[0] == "Latest sweep sw-cccccccccccc (interrupted, 1 of 4 trials done): valid_accuracy bp 0.9000."
+    assert partial.startswith("Latest sweep sw-cccccccccccc (interrupted, 1 of 4 trials done): ")
     got = _links(note["sw-bbbbbbbbbbbb"])
-    assert got["Comparison of the rules"] == links["comparison"] and got["trials"] == links["trials"]
+    assert got["rule comparison"] == links["comparison"] and got["trials"] == links["trials"]
     c.set_experiment_tag(exp, tracking.TAG_NOTE, "my notes")
     assert not tracking.describe_experiment(c, exp, note["sw-aaaaaaaaaaaa"])
     assert c.get_experiment(exp).tags[tracking.TAG_NOTE] == "my notes"
@@ -162,9 +164,10 @@ def test_a_sweep_describes_its_experiment_with_its_figures_and_links(tmp_path, m
     assert res.state == "succeeded"
     note = c.get_experiment(res.experiment_id).tags[tracking.TAG_NOTE]
     figures = ", ".join(f"{r['rule']} {r['metric_mean']:.4f}" for r in res.table)
-    assert note.splitlines()[0] == f"Latest sweep {res.sweep_id} (succeeded, 2 trials): valid_accuracy {figures}."
+    assert note.startswith(f"Latest sweep {res.sweep_id} (succeeded, 2 trials): ")
+    assert note.endswith(f"\n\nvalid_accuracy, mean over seeds of each rule's best config: {figures}.")
     links = _links(note)
-    path, _ = _query(links["Comparison of the rules"])
+    path, _ = _query(links["rule comparison"])
     assert path == f"#/experiments/{res.experiment_id}/runs/{res.parent_run_id}/artifacts/comparison/comparison.md"
     assert "comparison/comparison.md" in {f.path for f in c.list_artifacts(res.parent_run_id, "comparison")}
     _, q = _query(links["trials"])

@@ -519,14 +519,14 @@ PARENT_NOTE = (
 
 def experiment_note(sweep_id: str, state: str, done: int, n_trials: int, metric: str, best: dict[str, float],
                     links: dict[str, str]) -> str:
-    """The experiment's description, about its latest sweep. Its first line is plain text, as the
-    experiments list shows it (one line, Markdown not rendered); the runs page shows it all above
-    the runs table, links rendered."""
-    figures = ", ".join(f"{k} {v:.4f}" for k, v in best.items())
+    """The experiment's description, about its latest sweep. The runs page shows it above the
+    runs table, folded to about one line: the links come first, short enough to stay in it; the
+    figures follow. (The experiments list shows the first words, unrendered.)"""
     trials = f"{n_trials} trials" if done == n_trials else f"{done} of {n_trials} trials done"
-    head = f"Latest sweep {sweep_id} ({state}, {trials})" + (f": {metric} {figures}." if figures else ".")
-    return (f"{head}\n\n[Comparison of the rules]({links['comparison']}) · [plots]({links['plots']}) · "
-            f"[trials]({links['trials']}) · [charts]({links['charts']}) · [sweep run]({links['parent']})")
+    head = (f"Latest sweep {sweep_id} ({state}, {trials}): [rule comparison]({links['comparison']}) · "
+            f"[plots]({links['plots']}) · [trials]({links['trials']}) · [charts]({links['charts']})")
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in best.items())
+    return head + (f"\n\n{metric}, mean over seeds of each rule's best config: {figures}." if figures else "")
 
 
 def describe_experiment(c: MlflowClient, exp_id: str, note: str) -> bool:
