@@ -687,3 +687,16 @@ def test_a_finite_but_exploding_loss_ends_as_diverged():
     assert capped.status == "diverged"
     assert [h["train_loss"] for h in capped.history] == losses[:3]  # the finite epochs kept
     assert TrialConfig(**kw).divergence_factor == 1000.0  # on by default
+
+
+def test_machine_description_names_the_blas_kernel():
+    # Results recorded on two CPUs can differ in the last digits because OpenBLAS chose another
+    # matmul kernel; the record must say which one ran.
+    from threadpoolctl import threadpool_info
+
+    from tp_engine.machine import describe
+
+    kernels = {i["architecture"] for i in threadpool_info() if i.get("user_api") == "blas" and i.get("architecture")}
+    d = describe()
+    assert kernels, "NumPy's OpenBLAS should report its kernel"
+    assert d["blas_kernel"] in kernels
