@@ -27,7 +27,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-OUTAGE_S = 60.0
+# The stop must outlast what the client does on its own before it settles into waiting: the
+# outbox's /health backoff climbs 0.5, 1, 2, 4 s to its 5 s cap (7.5 s), and a log_metrics call
+# waits at most SYNC_WAIT_S (5 s) while no outage is known. 20 s gives a few probes at the cap
+# (then the restart adds ~10 s more of outage); longer proves nothing more.
+OUTAGE_S = 20.0
 
 
 def free_port() -> int:
@@ -86,16 +90,27 @@ class Server:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path / "data"))  # the spool goes here
-    srv = Server(tmp_path)
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """One server for the module (a start on a new store takes ~20 s): each test has its own
+    experiment in it, and the tests that need an outage stop it and start it again."""
+    srv = Server(tmp_path_factory.mktemp("mlflow"))
     srv.start()
     try:
         srv.wait_up()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def server(module_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path / "data"))  # the spool goes here
+    if not module_server.up():  # a test that failed mid-outage left it stopped
+        module_server.stop()
+        module_server.start()
+        module_server.wait_up()
+    return module_server
 
 
 def tiny_model():
@@ -162,6 +177,8 @@ def test_outage_mid_trial_buffers_then_delivers_everything_once(server, tmp_path
         tracking.log_metrics(c, run_id, {"loss": 1.0 / step, "valid_accuracy": step / 1000.0}, step=step)
         slowest = max(slowest, time.monotonic() - t)
 
+    # The stop outlasts the client's own waits (see OUTAGE_S).
+    assert OUTAGE_S >= 3 * tracking.PROBE_MAX_S + tracking.SYNC_WAIT_S
     for _ in range(3):
         epoch()
     tracking.flush(c)
@@ -306,8 +323,10 @@ parameters:
 search: {method: grid, seeds: [0, 1], max_concurrent_trials: 2}
 failure: {max_failures: 0}
 """
-SWEEP_EPOCHS = 50
-SWEEP_OUTAGE_S = 45.0
+# Trials of a second or two an epoch: 30 epochs keep them training before, through and after a
+# 20 s stop (plus the restart), which outlasts the client's own waits as OUTAGE_S does.
+SWEEP_EPOCHS = 30
+SWEEP_OUTAGE_S = 20.0
 
 DRIVER = """
 import sys
@@ -321,7 +340,7 @@ print("OUTCOME", r.state, flush=True)
 
 
 def test_real_sweep_trains_through_an_outage(server, tmp_path):
-    """Two MNIST trials (a second or two an epoch each) on a local Ray; MLflow is stopped for 45 s
+    """Two MNIST trials (a second or two an epoch each) on a local Ray; MLflow is stopped for 20 s
     once both have logged a few epochs, then started again: the sweep succeeds, both trials' runs
     have every epoch once, points logged while the server was away among them, and a READY model."""
     from mlflow.tracking import MlflowClient
@@ -329,6 +348,7 @@ def test_real_sweep_trains_through_an_outage(server, tmp_path):
     from worker import tracking
     from worker.spec import SweepSpec
 
+    assert SWEEP_OUTAGE_S >= 3 * tracking.PROBE_MAX_S + tracking.SYNC_WAIT_S
     spec = SweepSpec.from_yaml(SWEEP_SPEC.replace("EPOCHS", str(SWEEP_EPOCHS)))
     (tmp_path / "spec.yaml").write_text(spec.to_yaml())
     (tmp_path / "driver.py").write_text(DRIVER.format(root=str(REPO), spec=str(tmp_path / "spec.yaml"),
