@@ -223,6 +223,11 @@ def check_child(c: MlflowClient, spec: SweepSpec, result, run, epochs: int, stat
     if status == "completed":
         for key in ("valid_accuracy", "train_loss", "seconds_per_epoch", "angle_bp/1"):
             assert steps(c, run.info.run_id, key) == list(range(1, epochs + 1)), key
+        for key in ("setup/mlflow_s", "setup/data_s", "setup/engine_s"):  # once per attempt, at its first epoch
+            got = history(c, run.info.run_id, key)
+            at = [h.step for h in got]
+            assert at and at[0] == 1 and at == sorted(set(at)), (key, at)
+            assert all(0.0 <= h.value < 600 for h in got), (key, got)
         m = run.data.metrics
         assert m["final/epochs"] == epochs
         assert 0.0 <= m["final/best_valid_accuracy"] <= 1.0

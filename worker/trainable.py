@@ -183,6 +183,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from worker import tracking
     from worker.spec import SweepSpec
 
+    t_entry = time.perf_counter()
     hooks = trial_hooks()
     spec = SweepSpec.model_validate(ctx.spec)
     cfg = spec.trial_config(dict(params))
@@ -213,15 +214,27 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     start_epoch = int(meta["epoch"]) if meta else 0
     history = meta["history"] if meta else []
 
+    t_run = time.perf_counter()
     ds = trial_dataset(cfg)
     if created:  # the run's Dataset column in the MLflow UI: the data's name and digest
         tracking.with_retry(c, "the trial's dataset input",
                             lambda: tracking.log_dataset(c, run_id, cfg.dataset, ds.x_train, ds.y_train))
     EPILOGUES.warm()
+    t_data = time.perf_counter()
+    # Where a trial's time outside its epochs goes (the sweep's per-trial overhead, issue 12),
+    # logged once per attempt at its first epoch: the config, MLflow run and checkpoint lookup,
+    # the data, and the engine's set-up before the first epoch started.
+    setup: dict[str, float] = {}
 
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
         epoch = int(m["epoch"])
         _call_hooks(hooks, HookEvent(EPOCH_END, trial_id, run_id, epoch, dict(m)))
+        if not setup:
+            first_epoch_start = time.perf_counter() - m["seconds_per_epoch"]
+            setup.update({"setup/mlflow_s": t_run - t_entry, "setup/data_s": t_data - t_run,
+                          "setup/engine_s": max(0.0, first_epoch_start - t_data)})
+            if epoch not in logged:
+                tracking.log_metrics(c, run_id, setup, step=epoch)
         if epoch not in logged:
             tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
         history.append(m)
