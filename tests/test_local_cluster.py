@@ -1,12 +1,14 @@
 """Local mode keeps to loopback, and starting it survives a slow machine.
 
 * The local Ray that an embedded sweep starts listens on 127.0.0.1 only, Ray's node address
-  included: the listening sockets of the sweep's processes are read from /proc while it runs.
-  (The same check on `scripts/local_cluster` is in tests/test_e2e_cluster.py, on its cluster.)
+  included: the listening sockets of the sweep's processes are read from /proc while it runs
+  (`listening_sockets`, `processes_of`). The check runs on the first sweep of
+  tests/test_submit_embedded.py, which starts that Ray anyway; the same check on
+  `scripts/local_cluster` is in tests/test_e2e_cluster.py, on its cluster.
 * `worker.sweep._init_ray` retries a local start that timed out (Ray gives its raylet 30 s), after
   stopping what the failed start left running, and says so on stderr.
 
-`listening_sockets` is shared with tests/test_e2e_cluster.py.
+`listening_sockets` is shared with tests/test_e2e_cluster.py and tests/test_submit_embedded.py.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,49 +133,6 @@ def test_listening_sockets_sees_a_known_listener():
         assert ("127.0.0.1", lo.getsockname()[1]) in {(a, p) for a, p, _, _ in mine}
         assert not_loopback(mine) == [s for s in mine if s[1] == anyv6.getsockname()[1]] != []
     assert is_loopback("::ffff:127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
-
-
-# ---- the embedded mode's local Ray -------------------------------------------------------------
-
-SPEC = """\
-name: embedded-loopback
-base: {dataset: spiral, backend: numpy, hidden: [8], epochs: 2, batch_size: 50, subset: 400, diag_size: 100}
-parameters:
-  rule: {distribution: values, values: [bp]}
-search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 1}
-"""
-
-
-@pytest.mark.timeout(600)
-def test_embedded_sweep_listens_on_loopback_only(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWEEP_", "RAY_", "MLFLOW_"))}
-    env.update(SWEEP_DATA_DIR=str(tmp_path / "data"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
-    log = tmp_path / "submit.log"
-    with log.open("w") as out:
-        # Its own session: the local Ray's processes (raylet workers included) keep it.
-        proc = subprocess.Popen([sys.executable, "-m", "service.submit", str(spec), "--json", "--num-cpus", "2"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    seen: dict[tuple, tuple] = {}
-    try:
-        deadline = time.monotonic() + 540
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, "the embedded sweep took too long"
-            for s in listening_sockets(processes_of(sessions={proc.pid})):
-                seen[s[:2]] = s
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    print("\n".join(f"{a}:{p} pid {pid} {cmd[:60]}" for a, p, pid, cmd in sorted(seen.values())))
-    commands = " ".join(s[3] for s in seen.values())
-    # The sweep was watched while its Ray ran: the GCS and the raylet were listening.
-    assert "gcs_server" in commands and "raylet" in commands, sorted(seen.values())
-    assert not_loopback(seen.values()) == [], sorted(seen.values())
 
 
 # ---- _init_ray retries a start that timed out ------------------------------------------------

@@ -1,6 +1,6 @@
 """The README's main command on the embedded default, as a real process: `python -m service.submit
-SPEC` starts a local Ray, logs to a local MLflow store (SQLite) and keeps its queue in SQLite under
-$SWEEP_DATA_DIR. Also: a sweep left `failed` (its driver crashed) is retried with `--resume`, and
+SPEC` starts a local Ray (listening on loopback only, read from /proc while it runs), logs to a
+local MLflow store (SQLite) and keeps its queue in SQLite under $SWEEP_DATA_DIR. Also: a sweep left `failed` (its driver crashed) is retried with `--resume`, and
 keeps what its first run logged; once for a sweep that never ran, once for one whose driver was
 killed after a trial had finished.
 
@@ -50,15 +50,51 @@ def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
 
 
+def _submit_watching_sockets(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """_submit in a session of its own, which its local Ray's processes (raylet workers included)
+    keep; returns also the TCP sockets they listened on, read from /proc every half second."""
+    import tempfile
+    import time
+
+    from test_local_cluster import listening_sockets, processes_of
+
+    seen: dict[tuple, tuple] = {}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "service.submit", *args, "--json", "--num-cpus", "2"],
+                                cwd=REPO, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 540
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "the embedded sweep took too long"
+                for sock in listening_sockets(processes_of(sessions={proc.pid})):
+                    seen[sock[:2]] = sock
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), seen
+
+
 def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys):
     env = _env(tmp_path)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)
 
-    r = _submit(env, str(spec))
+    r, sockets = _submit_watching_sockets(env, str(spec))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["state"] == "succeeded" and out["trial_status"] == {"completed": 2}
+    # The local Ray it started listened on 127.0.0.1 only, Ray's node address included. Watched
+    # while it ran: the GCS and the raylet were seen listening.
+    from test_local_cluster import not_loopback
+
+    print("\n".join(f"{a}:{p} pid {pid} {cmd[:60]}" for a, p, pid, cmd in sorted(sockets.values())))
+    commands = " ".join(sock[3] for sock in sockets.values())
+    assert "gcs_server" in commands and "raylet" in commands, sorted(sockets.values())
+    assert not_loopback(sockets.values()) == [], sorted(sockets.values())
     # Not a terminal: progress comes as plain lines, on start and whenever a trial finishes.
     assert f"{out['sweep_id']}: 0/2 done" in r.stderr and f"{out['sweep_id']}: 2/2 done" in r.stderr
     assert {row["rule"] for row in out["table"]} == {"bp", "dtp"}
@@ -151,15 +187,21 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     parents = [run for run in c.search_runs([out["experiment_id"]]) if "mlflow.parentRunId" not in run.data.tags]
     assert {run.info.run_id for run in parents} == {out["parent_run_id"], out2["parent_run_id"]}
 
-    status = subprocess.run([sys.executable, "-m", "service.status", failed.id], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0, status.stderr
-    attempts = next(line for line in status.stdout.splitlines() if "attempts" in line)
+    # status and the refused resume below run in this process (the same environment as the
+    # commands above; a process of their own adds only its start-up).
+    from service import status as status_cli
+    from service import submit as submit_cli
+
+    monkeypatch.setenv("COLUMNS", env["COLUMNS"])
+    capsys.readouterr()
+    assert status_cli.main([failed.id]) == 0
+    status = capsys.readouterr()
+    attempts = next(line for line in status.out.splitlines() if "attempts" in line)
     assert attempts.split() == ["attempts", "2"]  # an embedded run has no Ray job to name
-    assert "succeeded" in status.stdout
+    assert "succeeded" in status.out
     # Its comparison too, read from the result.json an embedded run leaves as a service job does.
-    assert "Comparison of the rules" in status.stdout and "…" not in status.stdout
-    assert {line.split()[0] for line in status.stdout.split("Comparison of the rules")[1].splitlines()[1:]
+    assert "Comparison of the rules" in status.out and "…" not in status.out
+    assert {line.split()[0] for line in status.out.split("Comparison of the rules")[1].splitlines()[1:]
             if line.strip()} >= {"bp", "dtp"}
     # Ray's and MLflow's own messages went to the sweep's log, not to the terminal.
     log = tmp_path / "data" / "sweeps" / failed.id / "embedded.log"
@@ -177,8 +219,9 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
     assert json.loads(r.stdout)["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
 
     # Resuming a finished sweep is refused as bad input.
-    r = _submit(env, "--resume", sweep_id)
-    assert r.returncode == 2 and "succeeded" in r.stderr
+    capsys.readouterr()
+    assert submit_cli.main(["--resume", sweep_id, "--json", "--num-cpus", "2"]) == 2
+    assert "succeeded" in capsys.readouterr().err
 
 
 PARTLY = """\
