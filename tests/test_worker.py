@@ -321,6 +321,7 @@ def _smoke(uri: str, tmp_path: Path, seeds: list[int]) -> None:
                        on_progress=lambda p: seen.append(p.as_dict()))
     assert result.state == "succeeded", result
     assert result.trial_status == {"completed": n}
+    assert repr(result.trial_status) == repr({"completed": n})  # printed as such by the CLIs, no enum reprs
     assert result.n_trials == n
     assert seen and seen[-1]["done"] == n and seen[-1]["errored"] == 0
 

@@ -420,8 +420,9 @@ def run_sweep(
     c.set_tag(parent_id, tracking.TAG_SWEEP_STATE, state)
     c.set_terminated(parent_id, {RunOutcome.SUCCEEDED: "FINISHED", RunOutcome.FAILED: "FAILED"}.get(state, "KILLED"))
     return SweepResult(
-        sweep_id, state, exp_id, spec.name, parent_id, tracking_uri, spec.n_trials(), trial_status,
-        cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
+        # Plain strings: printed, a dict of StrEnum keys reads {<TrialStatus.COMPLETED: 'completed'>: 24}.
+        sweep_id, state, exp_id, spec.name, parent_id, tracking_uri, spec.n_trials(),
+        {str(k): v for k, v in trial_status.items()}, cmp.rows, cmp.to_markdown(), artifacts, exp_path, time.time() - t0,
         progress.as_dict(),
         {k: v for k, v in timing.items() if k != "trial_overhead_s"},
     )
