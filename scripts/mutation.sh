@@ -5,7 +5,8 @@
 # tp_engine/rules/, tp_engine/engine.py, tp_engine/optimizers.py and the optimizer kernels
 # (tp_engine/backends/numpy_kernels.py), against the quick test files only. mutmut rewrites
 # sources, so it works on a throwaway copy of the committed tree (git HEAD), never on this
-# checkout. About 40-60 minutes on 2 cores. Not run by CI.
+# checkout. Not run by CI. 1706 mutants at e1a22d1; on the shared 2-core machine at load 5-25
+# and nice 19, mutmut's stats and clean-test runs took ~30 min and mutants ran at 1-7 a minute.
 #
 #   bash scripts/mutation.sh                 # run, then print the score and the survivors
 #   MUT_DIR=/tmp/m MUT_JOBS=1 bash scripts/mutation.sh
@@ -45,37 +46,46 @@ pytest_add_cli_args = [
 ]
 # forkserver, not fork: a worker forked after TensorFlow started its threads deadlocks.
 process_isolation = "forkserver"
+# A worker's wall-clock limit is (the covering tests' measured time + constant) * multiplier. At
+# mutmut's default (15, 1) a hung mutant of Engine.__init__ (~260 s of tests) would hold a worker
+# 65 min; (4, 20) was too tight at load 10-25 (false timeouts); timeouts get a second pass anyway.
+timeout_multiplier = 6.0
+timeout_constant = 60.0
 TOML
 export TF_CPP_MIN_LOG_LEVEL=2 SWEEP_DATA_DIR="${SWEEP_DATA_DIR:-$ROOT/sweep_data}" PYTHONDONTWRITEBYTECODE=1
 "$ROOT/.venv/bin/mutmut" run --max-children "$JOBS" "$@" || true
 "$ROOT/.venv/bin/mutmut" results --all true | sed 's/^ *//' > results.txt || true
 
-# Second pass, each survivor applied to the copy's source and tested in a fresh pytest process:
+# Second pass, each survivor switched on through MUTANT_UNDER_TEST (what mutmut's trampolines in
+# mutants/ read) in a fresh pytest process, MUT_JOBS at a time; nothing is rewritten, so the
+# processes do not interfere:
 # - code that runs only at import time (defop/defopt and the f_rinv factories build the op and
 #   optimizer tables when the module loads) is never switched on in mutmut's workers, which fork
 #   after the import, so mutmut reports all of it as survived: it gets the full test set here;
+# - a timeout (on a loaded machine often a slow worker, not a hung mutant) gets the full set too,
+#   with 900 s to finish;
 # - any other survivor passed the full set already: it gets tests/test_mutation_kills.py.
-PYTEST=("$ROOT/.venv/bin/python" -m pytest -x -q -p no:cacheprovider)
-KFILTER="not mnist and not fixed_feedback and not fa_forward and not dfa_updates and not reconstructs and not least_squares_optimum and not jacobian_approaches and not every_registered"
-QUICK=(tests/test_ops.py tests/test_mutation_kills.py tests/test_rule_references.py tests/test_engine.py tests/test_rules_modern.py)
-cp -a tp_engine .pristine_tp_engine
-: > recheck.txt
-grep ': survived$' results.txt | cut -d: -f1 | while read -r m; do
-    "$ROOT/.venv/bin/mutmut" apply "$m" >/dev/null 2>&1
-    if [[ $m =~ \.x_(defop|defopt|_iterative_rinv|_piecewise_rinv)__mutmut_ ]]; then
-        files=("${QUICK[@]}")
+export ROOT KFILTER="not mnist and not fixed_feedback and not fa_forward and not dfa_updates and not reconstructs and not least_squares_optimum and not jacobian_approaches and not every_registered"
+recheck() {
+    local m=$1 status=$2 files
+    if [[ $status == timeout || $m =~ \.x_(defop|defopt|_iterative_rinv|_piecewise_rinv)__mutmut_ ]]; then
+        # test_ops.py first: most of these die there, before TensorFlow is imported.
+        files=(tests/test_ops.py tests/test_mutation_kills.py tests/test_rule_references.py tests/test_engine.py
+               tests/test_rules_modern.py)
     else
         files=(tests/test_mutation_kills.py)
     fi
-    if timeout 900 "${PYTEST[@]}" -k "$KFILTER" "${files[@]}" >/dev/null 2>&1; then
-        echo "$m: survived" >> recheck.txt
+    if (cd mutants && MUTANT_UNDER_TEST=$m timeout 900 "$ROOT/.venv/bin/python" -m pytest -x -q -p no:cacheprovider \
+            -k "$KFILTER" "${files[@]}" >/dev/null 2>&1); then
+        echo "$m: survived"
     else
-        echo "$m: killed" >> recheck.txt
+        echo "$m: killed"
     fi
-    rm -rf tp_engine && cp -a .pristine_tp_engine tp_engine
-done
+}
+export -f recheck
+grep -E ': (survived|timeout)$' results.txt | sed 's/: / /' | xargs -r -P "$JOBS" -L1 bash -c 'recheck "$1" "$2"' _ > recheck.txt
 echo "mutation: results in $MUT_DIR/results.txt, the survivors' second pass in $MUT_DIR/recheck.txt" >&2
 echo "first pass:" >&2
 awk -F': ' 'NF == 2 {n[$2]++} END {for (k in n) print "  " k, n[k]}' results.txt | sort >&2
-echo "second pass (survivors only):" >&2
+echo "second pass (survivors and timeouts):" >&2
 awk -F': ' 'NF == 2 {n[$2]++} END {for (k in n) print "  " k, n[k]}' recheck.txt | sort >&2

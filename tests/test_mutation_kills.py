@@ -8,7 +8,7 @@ import pytest
 from tp_engine.backends.numpy_backend import NumpyBackend
 from tp_engine.config import TrialConfig
 from tp_engine.engine import Engine, engine_state, load_engine_state
-from tp_engine.ops import OPS
+from tp_engine.ops import OPS, RinvOpts
 
 B = NumpyBackend()
 F32 = np.float32
@@ -64,3 +64,77 @@ def test_engine_state_round_trip_continues_the_same_trajectory(rule, opt):
     step(b, 2)
     for k, v in engine_state(a).items():
         np.testing.assert_array_equal(engine_state(b)[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_iterative_f_rinv_starts_from_f_inv_at_its_own_margin(name):
+    """RinvOpts.th is the clip margin of the f_inv that the iterations start from (rlstp passes
+    inv_threshold): with no steps, f_rinv is f_inv at that margin, not at f_inv's default 1e-2."""
+    op = OPS[name]
+    lo, hi = (-1.0, 1.0) if name == "tanh" else (0.0, 1.0)
+    mid = (lo + hi) / 2
+    y = np.array([[lo - 1.0, mid, hi + 1.0]], F32)
+    x = op.f_rinv(B, y, np.zeros_like(y), None, 0.5, RinvOpts(steps=0, lr=0.5, th=0.2))
+    np.testing.assert_allclose(op.f(B, x), [[lo + 0.2, mid, hi - 0.2]], rtol=1e-5, atol=1e-6)
+
+
+def _xor_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3)).astype(F32)
+    return x, np.eye(2, dtype=F32)[(x[:, 0] * x[:, 1] > 0).astype(int)]
+
+
+def test_last_hidden_top_target_with_a_single_hidden_layer():
+    """top_target last_hidden puts the first target on the last hidden layer; with one hidden
+    layer that is layer 1, so nothing is sent further down and dtp has no inverse to train, but
+    both layers still learn (the output layer from the loss gradient)."""
+    cfg = TrialConfig(rule="dtp", hidden=[5], top_target="last_hidden", batch_size=8, seed=1,
+                      optimizer={"name": "sgd", "lr": 0.1})
+    eng = Engine(B, cfg, 3, 2, "softmax_ce")
+    assert eng.top == 1 and eng.trained_feedback_layers == []
+    before = {k: v.copy() for k, v in engine_state(eng).items() if k.startswith("net/")}
+    eng.forward_step(*_xor_batch())
+    after = engine_state(eng)
+    for k in ("net/W1", "net/W2"):
+        assert k in before, sorted(before)
+        assert np.all(np.isfinite(after[k])) and np.any(after[k] != before[k]), k
+
+
+def test_lr_scale_multiplies_the_learning_rate_of_both_optimizers():
+    """lr_scale (a sweep axis) scales every learning rate: lr 0.4 at scale 0.25 takes exactly the
+    steps of lr 0.1 at scale 1, for the forward weights and dtp's trained inverses alike."""
+    def run(lr, scale):
+        cfg = TrialConfig(rule="dtp", hidden=[6, 5], top_target="output", batch_size=8, seed=4, lr_scale=scale,
+                          optimizer={"name": "sgd", "lr": lr}, inverse_optimizer={"name": "sgd", "lr": lr / 2})
+        eng = Engine(B, cfg, 3, 2, "softmax_ce")
+        x, y = _xor_batch()
+        noise = [(0.3 * np.random.default_rng(l).standard_normal((8, eng.noise_width(l)))).astype(F32)
+                 for l in eng.trained_feedback_layers]
+        for _ in range(2):
+            eng.inverse_step(x, noise)
+            eng.forward_step(x, y)
+        return engine_state(eng)
+
+    scaled, plain, unscaled = run(0.4, 0.25), run(0.1, 1.0), run(0.4, 1.0)
+    assert any(k.startswith("net/V") for k in scaled), sorted(scaled)
+    for k, v in plain.items():
+        np.testing.assert_array_equal(scaled[k], v, err_msg=k)
+    assert all(np.any(unscaled[k] != plain[k]) for k in plain if k.startswith("net/"))
+
+
+def test_diagnose_compares_with_backprop_for_a_rule_whose_top_target_is_the_output():
+    """The angle diagnostics of a rule other than bp compare its local gradients with backprop's
+    at the same weights, also when its top target is the output (only bp from the output may
+    reuse its own gradients as the reference): dtp's bp norms are those of a bp engine loaded with
+    dtp's forward weights, and its first layer's gradient is not backprop's."""
+    cfg = TrialConfig(rule="dtp", hidden=[6, 5], top_target="output", batch_size=8, seed=2)
+    dtp = Engine(B, cfg, 3, 2, "softmax_ce")
+    bp = Engine(B, cfg.model_copy(update={"rule": "bp"}), 3, 2, "softmax_ce")
+    bp.net.load_state({k: v for k, v in dtp.net.state().items() if k[0] in "Wb"})
+    x, y = _xor_batch()
+    noise = [np.zeros((8, dtp.noise_width(l)), F32) for l in dtp.trained_feedback_layers]
+    d, ref = dtp.diagnose(x, y, noise), bp.diagnose(x, y, [])
+    for l in (1, 2, 3):
+        np.testing.assert_allclose(d[f"norm_bp/{l}"], ref[f"norm_rule/{l}"], rtol=1e-6, err_msg=str(l))
+    cos = d["dot/1"] / (d["norm_rule/1"] * d["norm_bp/1"])
+    assert cos < 0.999, cos
