@@ -32,3 +32,17 @@ def fail_deferred_epilogue(event: HookEvent) -> None:
     marker = os.environ.get(EPILOGUE_MARKER_ENV)
     if marker and event.point == BEFORE_EPILOGUE and event.deferred and os.path.exists(marker):
         raise RuntimeError(f"injected epilogue failure ({EPILOGUE_MARKER_ENV})")
+
+
+# Not a fault: where a trial process keeps its data (worker.paths.data_dir), written to the file
+# this variable names, so a test can check what trials resolve in their own working directories.
+DATA_DIR_RECORD_ENV = "TP_RECORD_DATA_DIR"
+
+
+def record_data_dir(event: HookEvent) -> None:
+    from worker.paths import data_dir
+
+    out = os.environ.get(DATA_DIR_RECORD_ENV)
+    if out and event.point == EPOCH_END:
+        with open(out, "a") as f:
+            f.write(f"{data_dir()}\n")

@@ -98,8 +98,14 @@ def _init_ray(num_cpus: int | None = None, attempts: int = 3, first_delay_s: flo
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             # "local": always a fresh cluster, even if `ray start` left one on this machine.
+            # SWEEP_DATA_DIR made absolute for the trials: Tune runs each in a working directory
+            # of its own, where the default <cwd>/sweep_data gave every trial its own download
+            # cache (MNIST fetched again, about 4 s a trial) and its own MLflow spool.
+            from worker.paths import data_dir
+
+            env = {"PYTHONWARNINGS": "ignore", "SWEEP_DATA_DIR": str(data_dir().resolve())}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+                     _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
             return
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == attempts:
