@@ -19,6 +19,7 @@ from ray.tune import Callback
 from tp_engine.status import DONE, UNFINISHED, TrialStatus
 from worker import tracking
 from worker.lifecycle import RunOutcome
+from worker.paths import data_dir
 from worker.spec import SweepSpec
 
 TRIAL_STATES = ("PENDING", "RUNNING", "PAUSED", "TERMINATED", "ERROR")
@@ -101,8 +102,6 @@ def _init_ray(num_cpus: int | None = None, attempts: int = 3, first_delay_s: flo
             # SWEEP_DATA_DIR made absolute for the trials: Tune runs each in a working directory
             # of its own, where the default <cwd>/sweep_data gave every trial its own download
             # cache (MNIST fetched again, about 4 s a trial) and its own MLflow spool.
-            from worker.paths import data_dir
-
             env = {"PYTHONWARNINGS": "ignore", "SWEEP_DATA_DIR": str(data_dir().resolve())}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
@@ -305,8 +304,6 @@ def _slots(spec: SweepSpec) -> int:
 def storage_root(storage_path: str | None = None) -> str:
     if storage_path:
         return os.path.abspath(storage_path)
-    from worker.paths import data_dir
-
     return str(data_dir() / "tune")
 
 

@@ -229,14 +229,14 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     def on_epoch(m: dict[str, float], st: dict[str, np.ndarray]) -> None:
         epoch = int(m["epoch"])
         _call_hooks(hooks, HookEvent(EPOCH_END, trial_id, run_id, epoch, dict(m)))
-        if not setup:
+        first = not setup
+        if first:
             first_epoch_start = time.perf_counter() - m["seconds_per_epoch"]
             setup.update({"setup/mlflow_s": t_run - t_entry, "setup/data_s": t_data - t_run,
                           "setup/engine_s": max(0.0, first_epoch_start - t_data)})
-            if epoch not in logged:
-                tracking.log_metrics(c, run_id, setup, step=epoch)
         if epoch not in logged:
-            tracking.log_metrics(c, run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
+            metrics = {k: v for k, v in m.items() if k != "epoch"}
+            tracking.log_metrics(c, run_id, {**setup, **metrics} if first else metrics, step=epoch)
         history.append(m)
         if epoch >= cfg.epochs:
             # Reported once the run is finalized: a scheduler may stop the trial at any report,
