@@ -676,16 +676,23 @@ def test_model_save_load_round_trip(tmp_path, xor, rule):
 
 def test_a_finite_but_exploding_loss_ends_as_diverged():
     """Issue: a loss that grows by orders of magnitude but stays finite used to end 'completed'.
-    SGD at lr 10 on xor: the training loss goes 14.4, 24.9, 23.5, 49.1 (finite throughout)."""
-    kw = dict(rule="bp", dataset="xor", hidden=[16, 16], epochs=4, batch_size=50, diag_size=100,
+    SGD at lr 10 on xor: the training loss grows while staying finite. The exact losses depend on
+    the CPU's matmul kernel (chaotic training), so the factor is placed from the run itself: just
+    under the first epoch that reaches the largest loss, above every epoch before it."""
+    kw = dict(rule="bp", dataset="xor", hidden=[16, 16], epochs=5, batch_size=50, diag_size=100,
               optimizer={"name": "sgd", "lr": 10.0, "momentum": 0.9})
     free = train(TrialConfig(divergence_factor=None, **kw))
-    assert free.status == "completed" and len(free.history) == 4
+    assert free.status == "completed" and len(free.history) == 5
     losses = [h["train_loss"] for h in free.history]
-    assert max(losses[1:3]) < 2 * losses[0] < losses[3]  # the factor below bites at epoch 4 only
-    capped = train(TrialConfig(divergence_factor=2.0, **kw))
+    assert all(np.isfinite(losses))
+    ratios = [l / losses[0] for l in losses]
+    j = max(range(1, 5), key=lambda i: (ratios[i], -i))  # first epoch with the largest loss
+    below = max([1.0, *ratios[1:j]])
+    assert ratios[j] > max(below, 1.2), losses  # the loss grows, past every epoch before it
+    factor = (ratios[j] + below) / 2
+    capped = train(TrialConfig(divergence_factor=factor, **kw))
     assert capped.status == "diverged"
-    assert [h["train_loss"] for h in capped.history] == losses[:3]  # the finite epochs kept
+    assert [h["train_loss"] for h in capped.history] == losses[:j]  # the finite epochs kept
     assert TrialConfig(**kw).divergence_factor == 1000.0  # on by default
 
 
