@@ -3,8 +3,7 @@
 - elementwise chains (``Op.vjp`` / ``vjp_diff`` / ``step_back``): numba kernels vs the ops'
   NumPy expressions;
 - ``FusedOptimizer`` (every parameter of an optimizer in one call) vs the per-parameter kernels
-  and vs a NumPy emulation of the kernels' arithmetic (float32, with the float64 intermediates
-  the kernels have always had);
+  and vs the optimizer table's float32 array expressions (``array_step``);
 - whole engine steps of every rule with all fusion on vs all fusion off.
 """
 from __future__ import annotations
@@ -17,7 +16,7 @@ from tp_engine.backends.numpy_backend import NumpyBackend
 from tp_engine.config import OptimizerConfig, TrialConfig
 from tp_engine.engine import Engine
 from tp_engine.ops import OPS
-from tp_engine.optimizers import Optimizer
+from tp_engine.optimizers import Optimizer, array_step
 from tp_engine.rules import RULES
 
 F32 = np.float32
@@ -96,35 +95,17 @@ def test_kernels_decline_what_they_do_not_cover():
 
 
 # -- optimizers ------------------------------------------------------------------------------------
-def _emulate(name, p, g, s, hp, t, scale):
-    """The kernels' arithmetic in NumPy: float32 except where the kernel has a float64 literal
-    (1.0 - rho, 1.0 - beta), whose products are rounded to float32 when stored."""
-    f, d = F32, np.float64
-    gi = g * f(scale)
-    if name == "sgd":
-        s["mom"][...] = f(hp["momentum"]) * s["mom"] + gi
-        p -= f(hp["lr"]) * s["mom"]
-        return
-    if name == "adam":
-        b1, b2 = f(hp["beta1"]), f(hp["beta2"])
-        lr_t = f(hp["lr"] * np.sqrt(1.0 - hp["beta2"] ** t) / (1.0 - hp["beta1"] ** t))
-        s["m"][...] = (s["m"].astype(d) + (gi - s["m"]).astype(d) * (1.0 - d(b1))).astype(f)
-        s["v"][...] = (s["v"].astype(d) + (gi * gi - s["v"]).astype(d) * (1.0 - d(b2))).astype(f)
-        p -= lr_t * s["m"] / (np.sqrt(s["v"]) + f(hp["eps"]))
-        return
-    rho = f(hp["rho"])
-    c = 1.0 - d(rho)
-    s["ms"][...] = ((rho * s["ms"]).astype(d) + c * gi.astype(d) * gi.astype(d)).astype(f)
-    denom = s["ms"] + f(hp["eps"])
-    if name == "rmsprop_centered":
-        s["mg"][...] = ((rho * s["mg"]).astype(d) + c * gi.astype(d)).astype(f)
-        denom = denom - s["mg"] * s["mg"]
-    step = f(hp["lr"]) * gi / np.sqrt(denom)
-    if name == "rmsprop" and not hp["momentum"] > 0:  # the plain kernel leaves mom alone then
-        p -= step
-        return
-    s["mom"][...] = f(hp["momentum"]) * s["mom"] + step
-    p -= s["mom"]
+class TableBackend(NumpyBackend):
+    """The NumPy backend with no optimizer kernel at all: the table's array expressions
+    (``tp_engine.optimizers.array_step``), which the kernels must equal bit for bit."""
+
+    optimizer_step = array_step
+
+    def fused_optimizer(self, name, params, slots, hp):
+        return None
+
+
+TABLE = TableBackend()
 
 
 OPT_CASES = [
@@ -139,13 +120,15 @@ OPT_CASES = [
 
 
 @pytest.mark.parametrize("name,kw", OPT_CASES)
-def test_fused_optimizer_equals_per_parameter_kernels_and_their_arithmetic(name, kw):
+def test_fused_optimizer_equals_per_parameter_kernels_and_the_table(name, kw):
+    """Three paths, five steps each, bit for bit: FusedOptimizer (training's), the kernels one
+    parameter at a time, and the table's float32 array expressions."""
     rng = np.random.default_rng(len(name) + len(kw))
     shapes = [(30, 20), (20,), (20, 7), (7,)]
     p0 = [rng.standard_normal(s).astype(F32) for s in shapes]
     cfg = OptimizerConfig(name=name, lr=0.01, **kw)
     runs = {}
-    for label, backend in (("fused", B), ("plain", PLAIN)):
+    for label, backend in (("fused", B), ("plain", PLAIN), ("table", TABLE)):
         params = [backend.variable(p) for p in p0]
         opt = Optimizer(backend, cfg, params)
         assert (opt._fused is not None) == (label == "fused")
@@ -153,25 +136,34 @@ def test_fused_optimizer_equals_per_parameter_kernels_and_their_arithmetic(name,
         for _ in range(5):
             opt.apply([r.standard_normal(s).astype(F32) * F32(0.3) for s in shapes])
         runs[label] = (params, opt)
-    for (a, b) in zip(runs["fused"][0], runs["plain"][0]):
-        np.testing.assert_array_equal(a, b)
-    for slot in runs["fused"][1].slots:
-        for a, b in zip(runs["fused"][1].slots[slot], runs["plain"][1].slots[slot]):
-            np.testing.assert_array_equal(a, b, err_msg=slot)
-    # the arithmetic itself, one step from a non-zero state
-    hp = runs["fused"][1].hp
-    p = rng.standard_normal((64,)).astype(F32)
-    g = rng.standard_normal((64,)).astype(F32)
-    slots = {k: (rng.random(64) * 0.1).astype(F32) for k in ("mom", "ms", "mg", "m", "v")}
-    slots["ms"] += slots["mg"] ** 2  # keep the centered denominator positive
-    p1, s1 = p.copy(), {k: v.copy() for k, v in slots.items()}
-    fo = K.FusedOptimizer(name, [p1], {k: [v] for k, v in s1.items()}, hp)
-    fo.step([g], 3.0)
-    p2, s2 = p.copy(), {k: v.copy() for k, v in slots.items()}
-    _emulate(name, p2, g, s2, hp, 3.0, fo._scale(g))
-    np.testing.assert_array_equal(p1, p2)
-    for k in s1:
-        np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+    for other in ("plain", "table"):
+        for a, b in zip(runs["fused"][0], runs[other][0]):
+            np.testing.assert_array_equal(a, b, err_msg=other)
+        for slot in runs["fused"][1].slots:
+            for a, b in zip(runs["fused"][1].slots[slot], runs[other][1].slots[slot]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{other} {slot}")
+    assert not np.array_equal(runs["fused"][0][0], p0[0])  # the steps did move the parameters
+
+
+def test_the_kernels_round_like_the_table_not_in_float64():
+    """One centered RMSprop step where float64 intermediates (the kernels before 2026-12) and the
+    table's float32 disagree in the last bit: the kernel must give the table's value."""
+    rng = np.random.default_rng(0)
+    n = 4096
+    p, g = rng.standard_normal(n).astype(F32), rng.standard_normal(n).astype(F32)
+    slots = {"ms": (rng.random(n) + 1).astype(F32), "mg": (rng.random(n) * 0.1).astype(F32),
+             "mom": (rng.random(n) * 0.01).astype(F32)}
+    hp = {"lr": 0.01489, "rho": 0.95, "momentum": 0.9, "eps": 1e-3, "clip_norm": None}
+    got = {k: v.copy() for k, v in slots.items()}
+    pk = p.copy()
+    assert K.optimizer_step("rmsprop_centered", pk, g, got, hp, 1.0)
+    want = {k: v.copy() for k, v in slots.items()}
+    pt = p.copy()
+    array_step(TABLE, "rmsprop_centered", pt, g, want, hp, np.float32(1.0))
+    np.testing.assert_array_equal(got["ms"], want["ms"])
+    np.testing.assert_array_equal(pk, pt)
+    f64 = (np.float32(0.95) * slots["ms"]).astype(np.float64) + (1.0 - np.float64(np.float32(0.95))) * g.astype(np.float64) ** 2
+    assert (f64.astype(F32) != want["ms"]).any()  # the case does tell the two apart
 
 
 def test_fused_optimizer_follows_a_loaded_state():
