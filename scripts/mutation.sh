@@ -11,6 +11,8 @@
 #   bash scripts/mutation.sh                 # run, then print the score and the survivors
 #   MUT_DIR=/tmp/m MUT_JOBS=1 bash scripts/mutation.sh
 #   bash scripts/mutation.sh tp_engine.ops*  # only the mutants whose names match (mutmut globs)
+#   MUT_RESUME=1 bash scripts/mutation.sh     # continue a stopped run in MUT_DIR: mutmut keeps
+#                                             # each mutant's result (MUT_JOBS may change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,6 +20,10 @@ MUT_DIR="${MUT_DIR:-/tmp/tp-mutation}"
 JOBS="${MUT_JOBS:-2}"
 [[ -x .venv/bin/mutmut ]] || .venv/bin/python -m pip install -q -c constraints.txt -e '.[mutation]'
 
+if [[ "${MUT_RESUME:-0}" == 1 && -f "$MUT_DIR/pyproject.toml" ]]; then
+    echo "mutation: resuming in $MUT_DIR (the sources of the commit that made it)" >&2
+    cd "$MUT_DIR"
+else
 rm -rf "$MUT_DIR" && mkdir -p "$MUT_DIR"
 git archive HEAD | tar -x -C "$MUT_DIR"
 cd "$MUT_DIR"
@@ -38,6 +44,7 @@ pytest_add_cli_args_test_selection = [
     "tests/test_rule_references.py",
     "tests/test_rules_modern.py",
     "tests/test_mutation_kills.py",
+    "tests/test_fused_kernels.py",
 ]
 # test_rules_modern.py's quick part: the MNIST trainings are left out.
 pytest_add_cli_args = [
@@ -52,8 +59,24 @@ process_isolation = "forkserver"
 timeout_multiplier = 6.0
 timeout_constant = 60.0
 TOML
+fi
 export TF_CPP_MIN_LOG_LEVEL=2 SWEEP_DATA_DIR="${SWEEP_DATA_DIR:-$ROOT/sweep_data}" PYTHONDONTWRITEBYTECODE=1
-"$ROOT/.venv/bin/mutmut" run --max-children "$JOBS" "$@" || true
+IMPORT_TIME='\.x_(defop|defopt|_iterative_rinv|_piecewise_rinv)__mutmut_'
+# The first pass skips the import-time mutants (below): they can only survive it, each after its
+# covering tests' full run (~30 s each, about an hour for the 105 of them at e1a22d1).
+"$ROOT/.venv/bin/mutmut" run "tp_engine.__generate_only__*" >/dev/null 2>&1 || true  # writes mutants/
+mapfile -t ALL < <("$ROOT/.venv/bin/mutmut" results --all true | sed 's/^ *//' | cut -d: -f1)
+NAMES=()
+for n in "${ALL[@]}"; do
+    [[ $n =~ $IMPORT_TIME ]] && continue
+    if (( $# )); then
+        keep=0; for g in "$@"; do [[ $n == $g ]] && keep=1; done
+        (( keep )) || continue
+    fi
+    NAMES+=("$n")
+done
+echo "mutation: first pass over ${#NAMES[@]} of ${#ALL[@]} mutants" >&2
+(( ${#NAMES[@]} )) && { "$ROOT/.venv/bin/mutmut" run --max-children "$JOBS" "${NAMES[@]}" || true; }
 "$ROOT/.venv/bin/mutmut" results --all true | sed 's/^ *//' > results.txt || true
 
 # Second pass, each survivor switched on through MUTANT_UNDER_TEST (what mutmut's trampolines in
@@ -71,9 +94,9 @@ recheck() {
     if [[ $status == timeout || $m =~ \.x_(defop|defopt|_iterative_rinv|_piecewise_rinv)__mutmut_ ]]; then
         # test_ops.py first: most of these die there, before TensorFlow is imported.
         files=(tests/test_ops.py tests/test_mutation_kills.py tests/test_rule_references.py tests/test_engine.py
-               tests/test_rules_modern.py)
+               tests/test_rules_modern.py tests/test_fused_kernels.py)
     else
-        files=(tests/test_mutation_kills.py)
+        files=(tests/test_mutation_kills.py tests/test_fused_kernels.py)
     fi
     if (cd mutants && MUTANT_UNDER_TEST=$m timeout 900 "$ROOT/.venv/bin/python" -m pytest -x -q -p no:cacheprovider \
             -k "$KFILTER" "${files[@]}" >/dev/null 2>&1); then
@@ -83,7 +106,12 @@ recheck() {
     fi
 }
 export -f recheck
-grep -E ': (survived|timeout)$' results.txt | sed 's/: / /' | xargs -r -P "$JOBS" -L1 bash -c 'recheck "$1" "$2"' _ > recheck.txt
+# the import-time mutants, never run in the first pass, and the first pass's survivors and timeouts
+{ grep -E ': (survived|timeout)$' results.txt
+  grep -E "${IMPORT_TIME}[0-9]+: not checked$" results.txt | while IFS= read -r l; do
+      n=${l%%:*}; if (( $# )); then keep=0; for g in "$@"; do [[ $n == $g ]] && keep=1; done; (( keep )) || continue; fi
+      echo "$n: survived"; done
+} | sed 's/: / /' | xargs -r -P "$JOBS" -L1 bash -c 'recheck "$1" "$2"' _ > recheck.txt
 echo "mutation: results in $MUT_DIR/results.txt, the survivors' second pass in $MUT_DIR/recheck.txt" >&2
 echo "first pass:" >&2
 awk -F': ' 'NF == 2 {n[$2]++} END {for (k in n) print "  " k, n[k]}' results.txt | sort >&2
