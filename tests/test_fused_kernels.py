@@ -224,3 +224,49 @@ def test_fused_optimizer_only_for_the_optimizers_it_knows():
     assert K.make_fused("nadam", [p], {"m": [np.zeros(3, F32)]}, hp) is None
     assert K.make_fused("sgd", [p.astype(np.float64)], {"mom": [np.zeros(3)]}, hp) is None  # not float32
     assert K.make_fused("sgd", [p], {"mom": [np.zeros(3, F32)]}, hp) is not None
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop_centered", "adam"])
+def test_clipping_a_gradient_far_smaller_than_its_epsilon(name):
+    """|g| ~ 2e-13, below clipping's 1e-12 guard: the factor is min(1, clip / (|g| + 1e-12)) = 1,
+    on both paths; a guard subtracted instead would flip the gradient and scale it by ~1e12."""
+    rng = np.random.default_rng(11)
+    p0 = (rng.standard_normal((30, 20)) * 1e-12).astype(F32)  # small enough for the steps to show
+    g = (rng.standard_normal((30, 20)) * 1e-14).astype(F32)
+    assert 1e-13 < np.sqrt(np.sum(g.astype(np.float64) ** 2)) < 1e-12
+    cfg = OptimizerConfig(name=name, lr=0.5, momentum=0.0, clip_norm=1.0)
+    out = {}
+    for label, backend in (("fused", B), ("table", TABLE)):
+        p = backend.variable(p0)
+        Optimizer(backend, cfg, [p]).apply([g])
+        out[label] = p
+    np.testing.assert_array_equal(out["fused"], out["table"])
+    if name == "sgd":  # p - lr * g exactly: unclipped, same sign
+        np.testing.assert_array_equal(out["fused"], p0 - F32(0.5) * g)
+    else:  # a step against the gradient, never along it
+        moved = out["fused"] != p0
+        assert moved.any()
+        assert (np.sign(p0 - out["fused"])[moved] == np.sign(g)[moved]).all()
+
+
+def test_an_optimizer_without_a_kernel_runs_the_table():
+    """Adding an optimizer is one ``defopt``: with no fused kernel for it, the NumPy backend runs
+    its array expressions (``optimizer_step`` says it has no kernel; nothing is skipped)."""
+    from tp_engine.optimizers import OPTIMIZERS, defopt
+
+    def plain(Bk, p, g, s, hp, t):
+        Bk.assign(p, p - hp["lr"] * g)
+
+    defopt("plain_sgd_for_test", (), 0.0, plain)
+    try:
+        p = np.ones(5, F32)
+        assert K.optimizer_step("plain_sgd_for_test", p, np.ones(5, F32), {}, {"lr": 0.1, "clip_norm": None}, 1.0) is False
+        np.testing.assert_array_equal(p, np.ones(5, F32))  # the kernel path did not touch it
+        cfg = OptimizerConfig.model_construct(**{**OptimizerConfig().model_dump(), "name": "plain_sgd_for_test", "lr": 0.25})
+        w = B.variable(np.full((2, 3), 2.0, F32))
+        opt = Optimizer(B, cfg, [w])
+        assert opt._fused is None
+        opt.apply([np.ones((2, 3), F32)])
+        np.testing.assert_array_equal(w, np.full((2, 3), 1.75, F32))
+    finally:
+        OPTIMIZERS.pop("plain_sgd_for_test")

@@ -84,7 +84,9 @@ def _consts(name: str, hp: dict) -> tuple:
         return f32(hp["lr"]), f32(hp["momentum"])
     if name in ("rmsprop", "rmsprop_centered"):
         return f32(hp["lr"]), f32(hp["rho"]), f32(1.0 - hp["rho"]), f32(hp["momentum"]), f32(hp["eps"])
-    return f32(1.0 - hp["beta1"]), f32(1.0 - hp["beta2"]), f32(hp["eps"])  # adam, after lr_t
+    if name == "adam":  # after lr_t, which changes every step
+        return f32(1.0 - hp["beta1"]), f32(1.0 - hp["beta2"]), f32(hp["eps"])
+    raise KeyError(f"no fused kernel for optimizer {name!r}")
 
 
 def _adam_lr(hp: dict, t) -> np.float32:
