@@ -66,6 +66,8 @@ def test_vjp_and_vjp_diff_equal_the_expressions(name, shape):
         np.testing.assert_array_equal(got, want, err_msg=f"{name} scale {scale}")
         np.testing.assert_array_equal(op.vjp_diff(PLAIN, a, b, x, y, scale), want)
     np.testing.assert_array_equal(op.vjp(B, a, x, y), op.df_y(PLAIN, a, y))
+    if name != "linear_act":  # the identity's vjp needs no kernel
+        assert B.fused_vjp_y(name, a, y) is not None  # the kernel ran, not the fallback
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "linear_act", "add"])
@@ -87,6 +89,9 @@ def test_kernels_decline_what_they_do_not_cover():
     assert K.vjp_diff("tanh", a.T, b.T, y.T, 1.0) is None  # not contiguous
     assert K.vjp_diff("tanh", a.astype(np.float64), b, y, 1.0) is None
     assert K.step_back("tanh", a, b[:1], y, ) is None  # broadcasting is NumPy's job
+    for dy, yy in ((a.astype(np.float64), y), (a, y.astype(np.float64)), (a, y.T.copy()), (a.T, y.T)):
+        assert K.vjp_y("tanh", dy, yy) is None  # float64, another shape, not contiguous
+    assert K.vjp_y("relu", a, y) is None
     # ... and the op falls back to its expression
     np.testing.assert_array_equal(OPS["tanh"].vjp_diff(B, a.T, b.T, y.T, np.tanh(y.T)),
                                   OPS["tanh"].vjp_diff(PLAIN, a.T, b.T, y.T, np.tanh(y.T)))
