@@ -165,7 +165,6 @@ class Engine:
             out[f"local_loss/{l}"] = B.sum(d * d) / B.rows(x)
         for l, e in zip(self.trained_feedback_layers, noise):
             out[f"inverse_loss/{l}"] = self.inverse_grads(fwd, l, e)[1]
-        out["loss"] = B.mean(self.loss.value(B, fwd.hs[net.L], y))
         return out
 
 
