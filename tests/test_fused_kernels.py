@@ -275,3 +275,44 @@ def test_an_optimizer_without_a_kernel_runs_the_table():
         np.testing.assert_array_equal(w, np.full((2, 3), 1.75, F32))
     finally:
         OPTIMIZERS.pop("plain_sgd_for_test")
+
+
+def test_training_steps_take_every_fused_path(monkeypatch):
+    """The kernels are only worth having if training reaches them: bp and dtp steps of a tanh
+    network call each of them (column sums, vjp_diff, step_back, vjp_y) and none declines. A
+    dispatcher that skipped one would give the same numbers, only slower, so the results tests
+    cannot see it."""
+    from collections import Counter
+
+    calls: Counter = Counter()
+
+    table = {"vjp_diff": K._VJP_DIFF, "step_back": K._STEP_BACK, "vjp_y": K._VJP_Y}
+
+    def counting(name, fn):
+        def wrapped(*a):
+            out = fn(*a)
+            if name == "colsum" or a[0] in table[name]:  # ops with no kernel (linear) go to NumPy
+                calls[name, out is not None] += 1
+            return out
+        return wrapped
+
+    for name in ("colsum", "vjp_diff", "step_back", "vjp_y"):
+        monkeypatch.setattr(K, name, counting(name, getattr(K, name)))
+    rng = np.random.default_rng(8)
+    x = rng.random((16, 12), dtype=F32)
+    y = np.eye(4, dtype=F32)[rng.integers(0, 4, 16)]
+    for rule in ("bp", "dtp"):
+        eng = Engine(B, TrialConfig(rule=rule, hidden=[10, 9, 8], batch_size=16, seed=1), 12, 4, "softmax_ce")
+        if eng.inv_opt is not None:
+            eng.inverse_step(x, [rng.standard_normal((16, eng.noise_width(l))).astype(F32) * F32(0.3)
+                                 for l in eng.trained_feedback_layers])
+        eng.forward_step(x, y)
+    assert not [k for k in calls if not k[1]], calls  # no kernel declined its operands
+    assert {k[0] for k in calls} == {"colsum", "vjp_diff", "step_back", "vjp_y"}, calls
+
+
+def test_fused_optimizer_names_a_gradient_of_the_wrong_size():
+    p = np.zeros((2, 3), F32)
+    opt = Optimizer(B, OptimizerConfig(name="adam", lr=0.1), [p])
+    with pytest.raises(ValueError, match="gradient of 5 values for a parameter of 6"):
+        opt.apply([np.zeros(5, F32)])
