@@ -174,3 +174,22 @@ def test_fused_optimizer_rounds_a_float64_gradient_to_float32_first():
             opt.apply([g])
         runs.append(w)
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_engine_refuses_last_hidden_without_a_hidden_layer():
+    """TrialConfig requires a hidden layer; the engine says why on its own too (a config built
+    without validation, as a library caller may)."""
+    cfg = TrialConfig.model_construct(**{**TrialConfig(rule="dtp").model_dump(), "hidden": []})
+    with pytest.raises(ValueError, match="top_target last_hidden needs at least one hidden layer"):
+        Engine(B, cfg, 3, 2, "softmax_ce")
+
+
+@pytest.mark.parametrize("rule,top_target", [("dfa", "output"), ("ddtp_linear", "output"), ("ddtp_linear", "last_hidden")])
+def test_direct_feedback_reaches_every_hidden_layer_below_the_top_and_not_the_input(rule, top_target):
+    cfg = TrialConfig(rule=rule, hidden=[6, 5, 4], top_target=top_target, batch_size=8, seed=1)
+    eng = Engine(B, cfg, 3, 2, "softmax_ce")
+    want = list(range(1, eng.top))  # hidden layers under the top target; layer 0 is the input
+    assert eng.net.inverse_layers == want
+    assert sorted(eng.net.V) == want
+    for l in want:  # from the output (2 units) to layer l
+        assert eng.net.V[l].shape == (2, cfg.hidden[l - 1])
