@@ -180,7 +180,7 @@ def test_engine_refuses_last_hidden_without_a_hidden_layer():
     """TrialConfig requires a hidden layer; the engine says why on its own too (a config built
     without validation, as a library caller may)."""
     cfg = TrialConfig.model_construct(**{**TrialConfig(rule="dtp").model_dump(), "hidden": []})
-    with pytest.raises(ValueError, match="top_target last_hidden needs at least one hidden layer"):
+    with pytest.raises(ValueError, match="^top_target last_hidden needs at least one hidden layer$"):
         Engine(B, cfg, 3, 2, "softmax_ce")
 
 
@@ -193,3 +193,15 @@ def test_direct_feedback_reaches_every_hidden_layer_below_the_top_and_not_the_in
     assert sorted(eng.net.V) == want
     for l in want:  # from the output (2 units) to layer l
         assert eng.net.V[l].shape == (2, cfg.hidden[l - 1])
+
+
+def test_weight_decay_pulls_the_weights_toward_zero():
+    """weight_decay adds wd * p to the gradient (PyTorch's coupled L2, as the drl and ddtp_linear
+    authors use on feedback weights): with a zero gradient, plain SGD shrinks p by lr * wd."""
+    from tp_engine.config import OptimizerConfig
+    from tp_engine.optimizers import Optimizer
+
+    p = B.variable(np.array([[2.0, -4.0], [0.5, 0.0]], F32))
+    opt = Optimizer(B, OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5), [p])
+    opt.apply([np.zeros((2, 2), F32)])
+    np.testing.assert_allclose(p, np.array([[2.0, -4.0], [0.5, 0.0]]) * 0.95, rtol=1e-6)
