@@ -205,3 +205,11 @@ def test_weight_decay_pulls_the_weights_toward_zero():
     opt = Optimizer(B, OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5), [p])
     opt.apply([np.zeros((2, 2), F32)])
     np.testing.assert_allclose(p, np.array([[2.0, -4.0], [0.5, 0.0]]) * 0.95, rtol=1e-6)
+
+
+def test_an_unknown_rule_is_refused_with_the_choices():
+    from tp_engine.rules import RULES, get_rule
+
+    with pytest.raises(ValueError, match="^unknown rule 'nope'; choose one of " + ", ".join(RULES) + "$"):
+        get_rule("nope")
+    assert get_rule("dtp") is RULES["dtp"]
