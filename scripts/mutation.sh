@@ -66,14 +66,15 @@ IMPORT_TIME='\.x_(defop|defopt|_iterative_rinv|_piecewise_rinv)__mutmut_'
 # covering tests' full run (~30 s each, about an hour for the 105 of them at e1a22d1).
 "$ROOT/.venv/bin/mutmut" run "tp_engine.__generate_only__*" >/dev/null 2>&1 || true  # writes mutants/
 mapfile -t ALL < <("$ROOT/.venv/bin/mutmut" results --all true | sed 's/^ *//' | cut -d: -f1)
+wanted() {  # mutant name $1 matches one of the globs after it (every name when none is given)
+    local n=$1 g; shift
+    (( $# )) || return 0
+    for g in "$@"; do [[ $n == $g ]] && return 0; done
+    return 1
+}
 NAMES=()
 for n in "${ALL[@]}"; do
-    [[ $n =~ $IMPORT_TIME ]] && continue
-    if (( $# )); then
-        keep=0; for g in "$@"; do [[ $n == $g ]] && keep=1; done
-        (( keep )) || continue
-    fi
-    NAMES+=("$n")
+    [[ $n =~ $IMPORT_TIME ]] || ! wanted "$n" "$@" || NAMES+=("$n")
 done
 echo "mutation: first pass over ${#NAMES[@]} of ${#ALL[@]} mutants" >&2
 (( ${#NAMES[@]} )) && { "$ROOT/.venv/bin/mutmut" run --max-children "$JOBS" "${NAMES[@]}" || true; }
@@ -109,8 +110,7 @@ export -f recheck
 # the import-time mutants, never run in the first pass, and the first pass's survivors and timeouts
 { grep -E ': (survived|timeout)$' results.txt
   grep -E "${IMPORT_TIME}[0-9]+: not checked$" results.txt | while IFS= read -r l; do
-      n=${l%%:*}; if (( $# )); then keep=0; for g in "$@"; do [[ $n == $g ]] && keep=1; done; (( keep )) || continue; fi
-      echo "$n: survived"; done
+      n=${l%%:*}; if wanted "$n" "$@"; then echo "$n: survived"; fi; done
 } | sed 's/: / /' | xargs -r -P "$JOBS" -L1 bash -c 'recheck "$1" "$2"' _ > recheck.txt
 echo "mutation: results in $MUT_DIR/results.txt, the survivors' second pass in $MUT_DIR/recheck.txt" >&2
 echo "first pass:" >&2

@@ -21,7 +21,6 @@ loops.
 hyperparameters prepared once, so a step is one kernel call per parameter and little else."""
 from __future__ import annotations
 
-
 import numba
 import numpy as np
 
@@ -137,7 +136,6 @@ class FusedOptimizer:
         self.hp = hp
         self.clip = hp["clip_norm"]
         self.params = [_flat(p) for p in params]
-        self.shapes = [p.shape for p in params]
         per = []
         for i, p in enumerate(self.params):
             s = {k: _flat(v[i]) for k, v in slots.items()}
