@@ -132,7 +132,7 @@ def run_tune(spec, workdir: Path) -> dict:
                 raise
     ray_init_s = time.perf_counter() - t0
     try:
-        t0 = time.perf_counter()
+        t0, t_sweep = time.perf_counter(), time.time()
         result = run_sweep(spec, uri, str(workdir / "tune"), num_cpus=CPUS)
         wall = time.perf_counter() - t0
     finally:
@@ -140,12 +140,22 @@ def run_tune(spec, workdir: Path) -> dict:
     timing = getattr(result, "timing", None) or {}  # the sweep's own figures (TrialTimer)
     runs = c.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{result.parent_run_id}'",
                          max_results=1000)
-    train_s, run_s, setup_s, per_epoch_s, finalize_s = [], [], [], [], []
+    from worker.trainable import PROCESS_TAG
+
+    train_s, run_s, setup_s, per_epoch_s, finalize_s, timeline = [], [], [], [], [], []
     for r in runs:
         hist = sorted(c.get_metric_history(r.info.run_id, "seconds_per_epoch"), key=lambda m: m.step)
         train_s.append(sum(m.value for m in hist))
         if not (hist and r.info.end_time and r.info.start_time):
             continue
+        # Seconds from the sweep's start: the child run created, its first epoch begun, its last
+        # epoch logged, the run ended (epilogue done): where each slot sat idle.
+        rel = lambda ms: round(ms / 1000 - t_sweep, 2)  # noqa: E731
+        timeline.append({"trial": r.data.tags.get(tracking.TAG_TRIAL, "")[-5:], "rule": r.data.tags.get(tracking.TAG_RULE),
+                         "process": r.data.tags.get(PROCESS_TAG, "").split(":")[-1],
+                         "run_start": rel(r.info.start_time), "first_epoch_start": rel(hist[0].timestamp) - round(hist[0].value, 2),
+                         "last_epoch_end": rel(hist[-1].timestamp), "run_end": rel(r.info.end_time),
+                         **{k: round(v, 2) for k, v in r.data.metrics.items() if k.startswith("setup/")}})
         run_s.append((r.info.end_time - r.info.start_time) / 1000)
         # Where a trial's time goes, from the MLflow timestamps (ms) of its per-epoch metrics:
         # child run created -> epoch 1 logged (less its training) is setup (data, run, params);
@@ -160,7 +170,7 @@ def run_tune(spec, workdir: Path) -> dict:
             "timing": timing, "n_trials": result.n_trials,
             "n_runs": len(runs), "train_s": sum(train_s), "per_trial_train_s": train_s,
             "mlflow_run_s": run_s, "setup_s": setup_s, "per_epoch_report_s": per_epoch_s,
-            "finalize_s": finalize_s}
+            "finalize_s": finalize_s, "timeline": sorted(timeline, key=lambda e: e["run_start"])}
 
 
 def _mean(xs: list[float], digits: int = 2) -> float | None:
@@ -272,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "sweep_state": tune["state"],
         "child_runs": tune["n_runs"],
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "trial_overhead_s": [round(v, 2) for v in timing.get("trial_overhead_s", [])],
+        "timeline": tune["timeline"],
     }
     if seq is not None:
         out.update({

@@ -2,7 +2,8 @@
 
 Covered: two different trials run one after the other in one process, and the second one's
 per-epoch metrics and final weights equal a fresh process's run of the same config, bit for bit
-(nothing of the first trial leaks into it; the dataset the process keeps is handed out as copies);
+(nothing of the first trial leaks into it; the dataset the process keeps is handed out read-only,
+shared, and a write into it fails);
 a trial whose model logging is left undone after its last report (its process died, simulated by
 the tests.faults.fail_deferred_epilogue hook) is settled by the driver from its last checkpoint, model included; the
 driver's per-trial timing (TrialTimer) and the sweep timing the report reads from the parent run.
@@ -191,6 +192,28 @@ def test_unlogged_epilogue_is_settled_from_the_checkpoint(tmp_path, epilogue_mar
     expected = train(spec.trial_config({"seed": 0})).model.predict(x)
     got = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(x)
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_a_kept_dataset_is_shared_read_only():
+    """A process's trials share the arrays it loaded once (no per-trial copy), and none can write
+    into them: the write fails instead of reaching the next trial's data."""
+    from tp_engine.config import TrialConfig
+    from worker.trainable import DATA_ARRAYS, trial_dataset
+
+    cfg = TrialConfig(rule="bp", dataset="spiral", hidden=[4], subset=200, seed=7)
+    first, second = trial_dataset(cfg), trial_dataset(cfg)
+    for k in DATA_ARRAYS:
+        a, b = getattr(first, k), getattr(second, k)
+        assert np.shares_memory(a, b), k
+        assert not a.flags.writeable, k
+    before = second.x_train.copy()
+    with pytest.raises(ValueError, match="read-only"):
+        first.x_train[0, 0] = 1e6
+    with pytest.raises(ValueError, match="read-only"):
+        first.y_train += 1
+    np.testing.assert_array_equal(trial_dataset(cfg).x_train, before)
+    other = trial_dataset(cfg.model_copy(update={"seed": 8}))
+    assert not np.shares_memory(other.x_train, first.x_train)
 
 
 def test_trial_timer_slots_and_overhead():

@@ -332,7 +332,7 @@ def finish_from_checkpoint(c, ctx: TrialContext, params: dict[str, Any], run_id:
 
 # ---- what a trial process keeps between the trials it runs (Tune's reuse_actors) ---------------
 #
-# Only what cannot change a result: datasets as loaded (each trial gets its own copy), and the
+# Only what cannot change a result: datasets as loaded (read-only: trial_dataset), and the
 # epilogues still being logged for trials already reported. Everything a trial trains with is
 # made afresh in run_trial.
 
@@ -349,8 +349,10 @@ def process_name() -> str:
 
 
 def trial_dataset(cfg):
-    """``load_dataset`` for the trial's config, loaded once per process: each call gets its own
-    copy of the arrays, so nothing a trial does to them reaches the next trial."""
+    """``load_dataset`` for the trial's config, loaded once per process and handed to each trial
+    read-only: a trial that wrote into its data would fail at once instead of changing the next
+    trial's (copying the arrays for each trial instead cost about 0.25 s per trial on 20,000
+    MNIST rows, mostly page faults, in the sweep's per-trial overhead)."""
     from tp_engine.data import load_dataset
     from worker.paths import cache_dir
 
@@ -359,6 +361,8 @@ def trial_dataset(cfg):
     if ds is None:
         ds = load_dataset(cfg.dataset, seed=cfg.seed, subset=cfg.subset, whiten=cfg.whiten, data_path=cfg.data_path,
                           cache_dir=str(cache_dir()))
+        for k in DATA_ARRAYS:
+            getattr(ds, k).flags.writeable = False
         _DATASETS[key] = ds
         while len(_DATASETS) > _DATASETS_KEPT:
             _DATASETS.popitem(last=False)
@@ -366,8 +370,10 @@ def trial_dataset(cfg):
         _DATASETS.move_to_end(key)
     import copy
 
-    arrays = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
-    return replace(ds, **{k: getattr(ds, k).copy() for k in arrays}, whitening=copy.deepcopy(ds.whitening))
+    return replace(ds, whitening=copy.deepcopy(ds.whitening))
+
+
+DATA_ARRAYS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
 
 
 def _slim(ds):
