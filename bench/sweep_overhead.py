@@ -143,6 +143,7 @@ def run_tune(spec, workdir: Path) -> dict:
     from worker.trainable import PROCESS_TAG
 
     train_s, run_s, setup_s, per_epoch_s, finalize_s, timeline = [], [], [], [], [], []
+    rel = lambda ms: ms / 1000 - t_sweep  # noqa: E731  an MLflow timestamp as seconds into the sweep
     for r in runs:
         hist = sorted(c.get_metric_history(r.info.run_id, "seconds_per_epoch"), key=lambda m: m.step)
         train_s.append(sum(m.value for m in hist))
@@ -150,11 +151,11 @@ def run_tune(spec, workdir: Path) -> dict:
             continue
         # Seconds from the sweep's start: the child run created, its first epoch begun, its last
         # epoch logged, the run ended (epilogue done): where each slot sat idle.
-        rel = lambda ms: round(ms / 1000 - t_sweep, 2)  # noqa: E731
+        marks = {"run_start": rel(r.info.start_time), "first_epoch_start": rel(hist[0].timestamp) - hist[0].value,
+                 "last_epoch_end": rel(hist[-1].timestamp), "run_end": rel(r.info.end_time)}
         timeline.append({"trial": r.data.tags.get(tracking.TAG_TRIAL, "")[-5:], "rule": r.data.tags.get(tracking.TAG_RULE),
                          "process": r.data.tags.get(PROCESS_TAG, "").split(":")[-1],
-                         "run_start": rel(r.info.start_time), "first_epoch_start": rel(hist[0].timestamp) - round(hist[0].value, 2),
-                         "last_epoch_end": rel(hist[-1].timestamp), "run_end": rel(r.info.end_time),
+                         **{k: round(v, 2) for k, v in marks.items()},
                          **{k: round(v, 2) for k, v in r.data.metrics.items() if k.startswith("setup/")}})
         run_s.append((r.info.end_time - r.info.start_time) / 1000)
         # Where a trial's time goes, from the MLflow timestamps (ms) of its per-epoch metrics:

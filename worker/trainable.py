@@ -340,6 +340,7 @@ TRAINED_KEY = "trained_s"
 PROCESS_TAG = "tp.process"  # host:pid of the trial's process (several trials share one)
 _DATASETS: OrderedDict[tuple, Any] = OrderedDict()
 _DATASETS_KEPT = 3  # e.g. one per seed of a sweep; MNIST at 20k rows is about 125 MB each
+DATA_ARRAYS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")  # made read-only
 
 
 def process_name() -> str:
@@ -371,9 +372,6 @@ def trial_dataset(cfg):
     import copy
 
     return replace(ds, whitening=copy.deepcopy(ds.whitening))
-
-
-DATA_ARRAYS = ("x_train", "y_train", "x_valid", "y_valid", "x_test", "y_test")
 
 
 def _slim(ds):
