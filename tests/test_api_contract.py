@@ -102,9 +102,12 @@ include-operation-id = "retry_sweep"
 parameters = {{ sweep_id = "{failed}" }}
 ''')
     report = tmp_path / "report.json"
+    # One worker: with two threads, hypothesis's lambda descriptions call ast.parse concurrently,
+    # which on CPython 3.11 can raise a spurious "AST constructor recursion depth mismatch"
+    # SystemError (python/cpython#106905), failing the run with every case passed.
     cmd = [str(Path(sys.executable).with_name("st")), "--no-color", "--config-file", str(config), "run",
            f"{url}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {token}",
-           "--max-examples", "10", "--seed", "1", "--workers", "2", "--request-timeout", "20",
+           "--max-examples", "10", "--seed", "1", "--workers", "1", "--request-timeout", "20",
            "--report", "json", "--report-json-path", str(report)]
     t0 = time.monotonic()
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=ST_TIMEOUT_S)
