@@ -537,13 +537,16 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
     # (failure.max_failures), while the node is down.
     victims = set(trial_processes(cluster, "ray-worker").values())
     assert victims, "no trial on the second node any more: give the trials more epochs"
+    head_trials = trial_processes(cluster, "ray-head")  # pid -> trial, every head trial process seen
     worker = pid_of(cluster, "ray-worker")
     os.killpg(worker, signal.SIGKILL)
     t1 = time.monotonic()
-    seen_on_head: set[str] = set()
-    wait_for(cluster, sweep_id, lambda v: victims <= seen_on_head, 300,
+    kill_time = time.time()
+    # A victim resumed from its checkpoint can finish its last epochs between two polls, so the
+    # sweep may end first; then its results after the kill must have come from a head process.
+    wait_for(cluster, sweep_id, lambda v: victims <= set(head_trials.values()) or v["state"] == "succeeded", 300,
              f"trial(s) {victims} to be retried on the head",
-             on_poll=lambda: seen_on_head.update(trial_processes(cluster, "ray-head").values()))
+             on_poll=lambda: head_trials.update(trial_processes(cluster, "ray-head")))
     timings["worker: retried on head"] = time.monotonic() - t1
     # `up` restarts that node only (meanwhile the sweep goes on).
     before = {n: pid_of(cluster, n) for n in ROLES}
@@ -582,8 +585,13 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
     results = list((Path(cluster.data_dir) / "tune" / sweep_id).glob("run_trial_*/result.json"))
     assert len(results) == 4, results
     for result in results:
-        reported = [json.loads(line).get("epoch") for line in result.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        reported = [row.get("epoch") for row in rows]
         assert reported and len(reported) == len(set(reported)), (result.parent.name, reported)
+        trial = "_".join(result.parent.name.split("_")[2:4])
+        if trial in victims:  # it went on on the head: every epoch after the kill from a head process
+            after_kill = [row["pid"] for row in rows if row["timestamp"] > kill_time]
+            assert after_kill and set(after_kill) <= set(head_trials), (trial, after_kill, head_trials)
 
 
 def timed_up(cluster: Cluster) -> float:
