@@ -235,14 +235,14 @@ class _Outbox:
     def put(self, run_id: str, metrics: list) -> int:
         """Queue a batch; returns its number for wait_sent."""
         self.raise_error()
-        try:
-            path = _spool_path(run_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps(_metric_rows(metrics)) + "\n")
-        except OSError as e:  # the spool is a second line of defence; the outbox still holds them
-            log.warning("could not spool metrics of run %s: %s", run_id, e)
-        with self.cond:
+        with self.cond:  # spooled under the lock: a drain of this run cannot unlink the new line
+            try:
+                path = _spool_path(run_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    f.write(json.dumps(_metric_rows(metrics)) + "\n")
+            except OSError as e:  # the spool is a second line of defence; the outbox still holds them
+                log.warning("could not spool metrics of run %s: %s", run_id, e)
             self.put_seq += 1
             self.items.append((self.put_seq, run_id, metrics))
             if self.thread is None or not self.thread.is_alive():
@@ -310,15 +310,16 @@ class _Outbox:
                           _one_line(e))
                 return
             with self.cond:
+                # The spool goes before waiters wake: flush() returning means nothing is left to
+                # resend (a process that exits right after must not leave its points spooled).
+                if not any(r == run_id for _, r, _ in self.items):
+                    try:
+                        _spool_path(run_id).unlink(missing_ok=True)
+                    except OSError:
+                        pass
                 self.sending = 0
                 self.sent_seq = seq
-                drained = not any(r == run_id for _, r, _ in self.items)
                 self.cond.notify_all()
-            if drained:
-                try:
-                    _spool_path(run_id).unlink(missing_ok=True)
-                except OSError:
-                    pass
 
 
 # ---- the client ------------------------------------------------------------------------------
