@@ -474,6 +474,35 @@ search: {num_samples: 300}
         assert 0.3 < sum(v < 0.0105 for v in lr) / len(lr) < 0.7
 
 
+def test_grid_points_run_longest_first_and_keep_the_spec_order_otherwise():
+    spec = SweepSpec.from_yaml(EXAMPLE)  # rule: [bp, lstp, rlstp, dtp] x seeds [0, 1, 2]
+    points = spec.grid_points()
+    # By the rules' measured costs (tp_engine/rules: lstp 3.9, rlstp 3.6, dtp 2.5, bp 1 epoch of
+    # bp); equal costs (a rule's seeds) keep the spec's order.
+    assert [(p["rule"], p["seed"]) for p in points] == [
+        (r, s) for r in ("lstp", "rlstp", "dtp", "bp") for s in (0, 1, 2)]
+    # The dry run shows that order, repeated for each sample.
+    trials = spec.expand()
+    assert [(t["params"]["rule"], t["seed"]) for t in trials] == [(p["rule"], p["seed"]) for p in points] * 2
+
+    # Epochs, training rows and the network's size count as much as the rule.
+    spec = SweepSpec.from_yaml(textwrap.dedent("""\
+        name: sizes
+        base: {rule: dtp, dataset: mnist}
+        parameters:
+          epochs: {distribution: values, values: [2, 5]}
+          subset: {distribution: values, values: [1000, 20000]}
+          hidden: {distribution: values, values: [[16], [256, 256]]}
+        search: {seeds: [0]}
+        """))
+    order = [(p["epochs"], p["subset"], tuple(p["hidden"])) for p in spec.grid_points()]
+    assert order[0] == (5, 20000, (256, 256)) and order[-1] == (2, 1000, (16,))
+    from tp_engine.cost import trial_cost
+
+    costs = [trial_cost(spec.trial_config(p)) for p in spec.grid_points()]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+
+
 def test_load_is_fast_and_imports_nothing_heavy():
     code = textwrap.dedent(f"""\
         import sys, time
@@ -509,9 +538,9 @@ def test_to_param_space_types_and_keys():
 
     spec = SweepSpec.from_yaml(EXAMPLE)
     space = to_param_space(spec)
-    assert list(space) == ["rule", "optimizer.lr", "rinv_steps", "gamma", "alpha", "seed"]
-    assert space["rule"] == tune.grid_search(["bp", "lstp", "rlstp", "dtp"])
-    assert space["seed"] == tune.grid_search([0, 1, 2])
+    # The grid (rule x seed) is one dimension of whole points, longest first; sampled ones stay.
+    assert list(space) == ["optimizer.lr", "rinv_steps", "gamma", "alpha", "grid_point"]
+    assert space["grid_point"] == tune.grid_search(spec.grid_points())
     assert isinstance(space["optimizer.lr"], Float)
     assert (space["optimizer.lr"].lower, space["optimizer.lr"].upper) == (1e-4, 1e-2)
     assert isinstance(space["rinv_steps"], Integer)
@@ -528,3 +557,14 @@ def test_to_param_space_types_and_keys():
     assert space["seed"] == 0 and isinstance(space["rule"], Categorical)
     assert to_search_alg(optuna_spec) is not None
     assert to_scheduler(optuna_spec) is None
+
+
+def test_trial_params_reads_both_layouts():
+    pytest.importorskip("ray.tune")
+    from worker.search_space import GRID_KEY, trial_params
+
+    point = {"rule": "dtp", "lr_scale": 0.5, "seed": 2}
+    # Now: the grid point nested under one key, sampled parameters beside it.
+    assert trial_params({GRID_KEY: point, "optimizer.lr": 0.01}) == {**point, "optimizer.lr": 0.01}
+    # A sweep started with the flat layout (resumed after an upgrade): unchanged.
+    assert trial_params({**point, "optimizer.lr": 0.01}) == {**point, "optimizer.lr": 0.01}

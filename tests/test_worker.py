@@ -331,6 +331,12 @@ def _smoke(uri: str, tmp_path: Path, seeds: list[int]) -> None:
     assert len({r.data.tags["trial_id"] for r in runs}) == n
     assert sorted((r.data.tags["rule"], r.data.tags["seed"]) for r in runs) == sorted(
         (rule, str(seed)) for rule in ("bp", "dtp") for seed in seeds)
+    # Tune created the trials in the dry run's order, longest first: dtp's, then bp's (a trial
+    # id ends with its creation index).
+    by_index = sorted(runs, key=lambda r: r.data.tags["trial_id"].rsplit("_", 1)[1])
+    assert [(r.data.tags["rule"], r.data.tags["seed"]) for r in by_index] == [
+        (t["params"]["rule"], str(t["seed"])) for t in spec.expand()]
+    assert spec.expand()[0]["params"]["rule"] == "dtp"
     for run in runs:
         check_child(c, spec, result, run, epochs=3)
     from tp_engine.data import load_dataset

@@ -1,7 +1,9 @@
 """Turn a validated :class:`~worker.spec.SweepSpec` into Ray Tune objects.
 
-The param space is flat: ``{dotted_path: domain, "seed": ...}``; the trainable receives a dict of
-dotted paths and builds its config with ``spec.trial_config(params)``.
+The param space holds the sampled parameters by dotted path, and the grid as one dimension of
+whole points (``{"grid_point": grid_search([{path: value, ..., "seed": s}, ...])}``) so that
+trials start longest first; the trainable flattens its config with :func:`trial_params` and
+builds its trial config with ``spec.trial_config(params)``.
 
 Note: ``to_search_alg`` and ``to_scheduler`` carry ``metric``/``mode`` themselves, so do not also
 pass them to ``tune.TuneConfig`` (Tune refuses a scheduler configured twice).
@@ -42,13 +44,30 @@ def _domain(dist: Any) -> Any:
     raise TypeError(f"unknown distribution {dist!r}")
 
 
+# The key of the one grid dimension: each value is a whole grid point with its seed.
+GRID_KEY = "grid_point"
+
+
 def to_param_space(spec: SweepSpec) -> dict[str, Any]:
-    """Tune's ``param_space``. Seeds are a grid dimension; with optuna (which cannot take a grid)
-    the spec guarantees a single seed, passed as a constant."""
-    space = {path: _domain(dist) for path, dist in spec.parameters.items()}
-    seeds = spec.seeds
-    space["seed"] = seeds[0] if spec.search.method == "optuna" else tune.grid_search(seeds)
+    """Tune's ``param_space``: the sampled parameters, and the grid (values parameters x seeds)
+    as one dimension whose values are whole points in ``spec.grid_points()``'s order, longest
+    first. (Given one grid dimension per parameter, Tune would vary the first in sorted key order
+    fastest, whatever the cost.) With optuna, which cannot take a grid, the spec guarantees a
+    single seed, passed as a constant."""
+    space = {path: _domain(dist) for path, dist in spec.parameters.items() if not isinstance(dist, ValuesParam)}
+    if spec.search.method == "optuna":
+        space["seed"] = spec.seeds[0]
+    else:
+        space[GRID_KEY] = tune.grid_search(spec.grid_points())
     return space
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's dotted-path parameters and seed, flat, from the config Tune gives it (a sweep
+    started before the grid became one dimension has them flat already)."""
+    flat = {k: v for k, v in config.items() if k != GRID_KEY}
+    flat.update(config.get(GRID_KEY) or {})
+    return flat
 
 
 def to_search_alg(spec: SweepSpec) -> Any:

@@ -344,7 +344,6 @@ def run_sweep(
     ctx = TrialContext(spec.model_dump(mode="json"), sweep_id, tracking_uri, exp_id, parent_id)
     resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-    param_space = to_param_space(spec)
     progress = Progress(total=spec.n_trials(), pending=spec.n_trials())
     timer = TrialTimer(_slots(spec), spec.resources.cpus_per_trial or 1)
     run_config = tune.RunConfig(
@@ -360,13 +359,13 @@ def run_sweep(
     exp_path = os.path.join(root, sweep_id)
     if tune.Tuner.can_restore(exp_path):
         # Resume: finished trials stay finished; unfinished and errored ones run again, each from
-        # its last checkpoint.
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=True)
+        # its last checkpoint. The param space is the one saved with the sweep (it holds no
+        # object references to refresh), so a sweep started with an older layout resumes too.
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space,
+            param_space=to_param_space(spec),
             tune_config=tune.TuneConfig(
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent_trials,

@@ -185,8 +185,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     t_entry = time.perf_counter()
     hooks = trial_hooks()
+    from worker.search_space import trial_params
+
     spec = SweepSpec.model_validate(ctx.spec)
-    cfg = spec.trial_config(dict(params))
+    cfg = spec.trial_config(trial_params(params))
     trial_id = tune.get_context().get_trial_id()
     c = tracking.client(ctx.tracking_uri)
     tags = {tracking.TAG_RULE: cfg.rule, tracking.TAG_BACKEND: cfg.backend, tracking.TAG_SEED: str(cfg.seed),
@@ -315,6 +317,7 @@ def finish_from_checkpoint(c, ctx: TrialContext, params: dict[str, Any], run_id:
     last epoch: no epoch is trained again) and logged with the rest. False if there is no
     checkpoint to rebuild it from."""
     from tp_engine.train import train
+    from worker.search_space import trial_params
     from worker.spec import SweepSpec
 
     if checkpoint is None:
@@ -323,7 +326,7 @@ def finish_from_checkpoint(c, ctx: TrialContext, params: dict[str, Any], run_id:
     if got is None:
         return False
     meta, state = got
-    cfg = SweepSpec.model_validate(ctx.spec).trial_config(dict(params))
+    cfg = SweepSpec.model_validate(ctx.spec).trial_config(trial_params(params))
     ds = trial_dataset(cfg)
     res = train(cfg, data=ds, resume=state, start_epoch=int(meta["epoch"]), history=list(meta["history"]))
     _epilogue(c, ctx.experiment_id, run_id, res, ds, cfg, created=False)

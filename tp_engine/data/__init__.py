@@ -43,14 +43,16 @@ class Source:
     # How a row becomes a picture (see Dataset.image_shape); None: not an image set. Image sets
     # hold pixels in [0, 1], which is why the autoencoder's default loss is sigmoid_ce on them.
     image_shape: tuple[int, ...] | None = None
+    # Rows of the training split (before any subset); None where it depends on the call.
+    train_rows: int | None = None
 
 
 # The registry: one line per dataset. Registration order is the order of DATASETS (and of the
 # names the spec lists in its errors).
 SOURCES: dict[str, Source] = {
-    "mnist": Source("mnist", 10, (28, 28)),
-    "fashion_mnist": Source("fashion_mnist", 10, (28, 28)),
-    "cifar10": Source("cifar10", 10, (32, 32, 3)),
+    "mnist": Source("mnist", 10, (28, 28), 50_000),
+    "fashion_mnist": Source("fashion_mnist", 10, (28, 28), 50_000),
+    "cifar10": Source("cifar10", 10, (32, 32, 3), 45_000),
     "spiral": Source("synthetic", 2),
     "xor": Source("synthetic", 2),
     "sphere": Source("synthetic", 2),

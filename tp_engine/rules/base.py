@@ -9,6 +9,11 @@ class Rule:
     name: str = ""
     # One line for tables and --help.
     summary: str = ""
+    # An epoch's time relative to bp's, with the rule's defaults on Lee's net, one BLAS thread
+    # (bench/engine.py; the mean of results/bench/engine_numpy_quiet.json and engine_numpy_s8.json).
+    # It only orders a sweep's trials longest first (tp_engine/cost.py): a rough figure costs
+    # some packing, never a result.
+    cost: float = 1.0
     # bp is exact backprop: it ignores the top-target step alpha (always 1); so do fa and dfa,
     # which are backprop with other backward weights.
     uses_alpha: bool = True

@@ -5,6 +5,7 @@ from tp_engine.rules.base import OpByOpRule
 class BP(OpByOpRule):
     name = "bp"
     summary = "backprop, written as targets (the reference)"
+    cost = 1.0
     uses_alpha = False
     defaults = {
         # Lee et al.'s backprop baseline. At 3 epochs, seed 0, validation accuracy stayed near

@@ -9,6 +9,7 @@ from tp_engine.rules.base import DirectRule
 class DDTPLinear(DirectRule):
     name = "ddtp_linear"
     summary = "direct linear feedback from the output, difference reconstruction loss (Meulemans et al. 2020)"
+    cost = 3.6
     feedback = Feedback("direct", activation="linear", bias=False, init="xavier_normal", loss=DIRECT_DIFFERENCE)
     defaults = {  # final_configs/mnist_DDTPlinear.py of the authors' code (docs/rules.md)
         "init": "xavier_normal",

@@ -9,6 +9,7 @@ from tp_engine.rules.base import DirectRule
 class DFA(DirectRule):
     name = "dfa"
     summary = "the output error sent to each layer by a fixed random matrix (Nokland 2016)"
+    cost = 1.0
     uses_alpha = False
     # Meulemans et al. 2020's DFA: frozen xavier-normal direct feedback (their tuned recipe).
     feedback = Feedback("direct", activation="linear", bias=False, init="xavier_normal")

@@ -10,6 +10,7 @@ from tp_engine.rules.dtp import DTP
 class DRL(DTP):
     name = "drl"
     summary = "dtp with the difference reconstruction loss (Meulemans et al. 2020)"
+    cost = 9.3
     feedback = Feedback("layerwise", init="xavier_normal", loss=DIFFERENCE)
     defaults = {  # final_configs/mnist_DTPDRL.py of the authors' code (docs/rules.md)
         "init": "xavier_normal",

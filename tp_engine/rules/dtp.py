@@ -9,6 +9,7 @@ from tp_engine.rules.base import Rule
 class DTP(Rule):
     name = "dtp"
     summary = "learned inverses, difference-corrected (Lee et al. 2015)"
+    cost = 2.5
     feedback = Feedback("layerwise", loss=LEE)
     defaults = {  # Lee et al. 2015's published recipe
         "optimizer": {"name": "rmsprop_centered", "lr": 0.01489},

@@ -9,6 +9,7 @@ from tp_engine.rules.base import Rule
 class FA(Rule):
     name = "fa"
     summary = "backprop with fixed random backward weights (Lillicrap et al. 2016)"
+    cost = 1.0
     uses_alpha = False
     feedback = Feedback("layerwise", activation="linear", bias=False, init="xavier_uniform")
     defaults = {

@@ -8,6 +8,7 @@ from tp_engine.rules.dtp import DTP
 class FWDTP(DTP):
     name = "fwdtp"
     summary = "dtp with fixed random feedback, never trained (Shibuya et al. 2023)"
+    cost = 1.2
     feedback = Feedback("layerwise", bias=False, init="uniform")
     defaults = {  # code defaults of the authors' Main.py (docs/rules.md)
         "top_target": "output",

@@ -10,6 +10,7 @@ from tp_engine.rules.dtp import DTP
 class LDRL(DTP):
     name = "ldrl"
     summary = "dtp with the local difference reconstruction loss, several feedback steps a batch (Ernoult et al. 2022)"
+    cost = 12.6
     feedback = Feedback("layerwise", init="xavier_normal", loss=LOCAL_DIFFERENCE)
     # The authors publish CIFAR-10 settings only; these were chosen on the validation split: feedback
     # SGD lr 0.1 (the loss scales with noise^2) gave 0.918 valid after 2 epochs of 10k MNIST rows

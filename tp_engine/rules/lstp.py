@@ -5,6 +5,7 @@ from tp_engine.rules.base import OpByOpRule
 class LSTP(OpByOpRule):
     name = "lstp"
     summary = "exact least-squares inverses, op by op"
+    cost = 3.9
     defaults = {
         # Exact inverses amplify: with a clip margin of 0.01, arctanh of targets near saturated
         # units is huge and training collapsed to chance after one epoch. A margin of 0.1 bounds

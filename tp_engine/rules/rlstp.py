@@ -6,6 +6,7 @@ from tp_engine.rules.base import OpByOpRule
 class RLSTP(OpByOpRule):
     name = "rlstp"
     summary = "regularized inverses (gamma), op by op"
+    cost = 3.6
     defaults = {
         # gamma 1e-3 collapsed to chance within 2 epochs (the inverse of a nearly singular W
         # explodes); gamma 1 keeps targets bounded. Valid 0.903 at 3 epochs, seed 0.

@@ -294,22 +294,31 @@ class SweepSpec(BaseModel):
         """grid size x seeds x num_samples (optuna: num_samples x its single seed)."""
         return self.grid_size() * len(self.seeds) * self.search.num_samples
 
-    def expand(self, sample_seed: int = 0) -> list[dict[str, Any]]:
-        """The trials the sweep will run, for a dry run.
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The grid's points with their seed (``{path: value, ..., "seed": s}``), in the order
+        they run: longest first (``tp_engine.cost``), so that the short trials fill the slots
+        at the end of a sweep; points of equal cost keep the spec's order (values parameters in
+        spec order, then the seed, the last varying fastest). Sampled parameters are left out
+        (they take the base value for the estimate)."""
+        from tp_engine.cost import trial_cost
 
-        Order: for each of num_samples repetitions, the grid (values parameters in spec order,
-        then the seed, the last varying fastest). Sampled parameters are drawn here with
+        grid = self.grid_params()
+        points = [{**dict(zip(grid, combo[:-1])), "seed": combo[-1]}
+                  for combo in itertools.product(*grid.values(), self.seeds)]
+        return sorted(points, key=lambda p: -trial_cost(self.trial_config(p)))  # stable
+
+    def expand(self, sample_seed: int = 0) -> list[dict[str, Any]]:
+        """The trials the sweep will run, in Tune's order, for a dry run: for each of
+        num_samples repetitions, :meth:`grid_points`. Sampled parameters are drawn here with
         ``random.Random(sample_seed)`` for the preview only; Tune draws its own.
         """
         rng = random.Random(sample_seed)
-        grid = self.grid_params()
         trials: list[dict[str, Any]] = []
         for _ in range(self.search.num_samples):
-            for combo in itertools.product(*grid.values(), self.seeds):
-                point = dict(zip(grid, combo[:-1]))
+            for point in self.grid_points():
                 params = {path: copy.deepcopy(point[path]) if path in point else dist.sample(rng)
                           for path, dist in self.parameters.items()}
-                trials.append({"trial": len(trials), "params": params, "seed": combo[-1]})
+                trials.append({"trial": len(trials), "params": params, "seed": point["seed"]})
         return trials
 
     def max_epochs(self) -> int:
