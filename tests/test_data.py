@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import struct
 import subprocess
 import zipfile
@@ -97,7 +98,8 @@ def test_mnist_cached_file_checksum(mnist, mnist_cache):
     assert path.stat().st_size == M.MNIST_SIZE == 17_051_982
     assert hashlib.sha256(path.read_bytes()).hexdigest() == M.MNIST_SHA256
     # No leftovers from the atomic download (temp dirs, partial files).
-    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == ["mnist.pkl.gz"]
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == sorted(
+        ["mnist.pkl.gz", M.UNPACKED_FILENAME])
 
 
 def test_mnist_repeat_load_is_cached_and_returns_private_copies(mnist, mnist_cache, monkeypatch):
@@ -106,6 +108,7 @@ def test_mnist_repeat_load_is_cached_and_returns_private_copies(mnist, mnist_cac
         raise AssertionError("MNIST was re-read instead of served from the in-process cache")
 
     monkeypatch.setattr(M, "_read_mnist_pickle", fail)
+    monkeypatch.setattr(M, "_read_unpacked_copy", fail)
     monkeypatch.setattr(C, "sha256", fail)
     monkeypatch.setattr(M, "_download_mnist", fail)
     again = load_dataset("mnist", cache_dir=str(mnist_cache))
@@ -114,6 +117,39 @@ def test_mnist_repeat_load_is_cached_and_returns_private_copies(mnist, mnist_cac
     third = load_dataset("mnist", cache_dir=str(mnist_cache), subset=5)
     assert third.x_test.min() >= 0.0
     assert mnist.x_test.min() >= 0.0
+
+
+def test_mnist_unpacked_copy_equals_the_pickle_and_is_rebuilt_when_damaged(mnist, mnist_cache, tmp_path, monkeypatch):
+    path = tmp_path / "mnist" / "mnist.pkl.gz"
+    path.parent.mkdir()
+    shutil.copyfile(mnist_cache / "mnist" / "mnist.pkl.gz", path)
+    copy = path.with_name(M.UNPACKED_FILENAME)
+    reference = M._read_mnist_pickle(path)
+
+    def same(splits):
+        for (x, y), (rx, ry) in zip(splits, reference, strict=True):
+            assert x.dtype == rx.dtype and y.dtype == ry.dtype
+            np.testing.assert_array_equal(x, rx)
+            np.testing.assert_array_equal(y, ry)
+
+    reads = []
+    real_read = M._read_mnist_pickle
+    monkeypatch.setattr(M, "_read_mnist_pickle", lambda p: reads.append(p) or real_read(p))
+    same(M._read_unpacked_copy(path))  # no copy yet: from the pickle, and the copy is written
+    assert len(reads) == 1 and copy.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["mnist.pkl.gz", M.UNPACKED_FILENAME])
+    same(M._read_unpacked_copy(path))  # from the copy alone
+    assert len(reads) == 1
+
+    good = copy.read_bytes()
+    for damaged in (good[: len(good) // 2],  # torn
+                    good[:5_000_000] + bytes([good[5_000_000] ^ 0xFF]) + good[5_000_001:]):  # one flipped byte
+        copy.write_bytes(damaged)
+        n = len(reads)
+        same(M._read_unpacked_copy(path))  # rebuilt from the pickle
+        assert len(reads) == n + 1
+        same(M._read_unpacked_copy(path))  # and the rebuilt copy serves the next read
+        assert len(reads) == n + 1
 
 
 def test_mnist_corrupt_cache_raises_and_deletes(tmp_path):
