@@ -568,3 +568,21 @@ def test_trial_params_reads_both_layouts():
     assert trial_params({GRID_KEY: point, "optimizer.lr": 0.01}) == {**point, "optimizer.lr": 0.01}
     # A sweep started with the flat layout (resumed after an upgrade): unchanged.
     assert trial_params({**point, "optimizer.lr": 0.01}) == {**point, "optimizer.lr": 0.01}
+
+
+def test_an_invalid_grid_combination_is_ordered_last_not_refused():
+    # Each value is valid alone; autoencoder x softmax_ce is not. Ordering must not turn that
+    # trial's own failure into a failed dry run or sweep start.
+    spec = SweepSpec.from_yaml(textwrap.dedent("""\
+        name: combo
+        base: {dataset: xor, hidden: [8]}
+        parameters:
+          mode: {distribution: values, values: [autoencoder, classification]}
+          loss: {distribution: values, values: [softmax_ce, l2]}
+        search: {seeds: [0]}
+        """))
+    points = spec.grid_points()
+    assert len(points) == 4
+    assert (points[-1]["mode"], points[-1]["loss"]) == ("autoencoder", "softmax_ce")
+    with pytest.raises(SpecError):
+        spec.trial_config(points[-1])

@@ -316,7 +316,6 @@ def run_sweep(
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[str, str], None] | None = None,
     num_cpus: int | None = None,
-    extra_env: dict[str, str] | None = None,
 ) -> SweepResult:
     """Run (or resume, when ``storage_path/sweep_id`` holds an interrupted run) a sweep.
 

@@ -305,7 +305,14 @@ class SweepSpec(BaseModel):
         grid = self.grid_params()
         points = [{**dict(zip(grid, combo[:-1])), "seed": combo[-1]}
                   for combo in itertools.product(*grid.values(), self.seeds)]
-        return sorted(points, key=lambda p: -trial_cost(self.trial_config(p)))  # stable
+
+        def cost(point: dict[str, Any]) -> float:
+            try:
+                return trial_cost(self.trial_config(point))
+            except SpecError:  # an invalid combination still fails as its own trial, as before
+                return 0.0
+
+        return sorted(points, key=lambda p: -cost(p))  # stable
 
     def expand(self, sample_seed: int = 0) -> list[dict[str, Any]]:
         """The trials the sweep will run, in Tune's order, for a dry run: for each of
