@@ -226,10 +226,10 @@ def test_embedded_sweep_then_retry_of_a_failed_one(tmp_path, monkeypatch, capsys
 
 PARTLY = """\
 name: embedded-partly
-base: {dataset: spiral, hidden: [8], epochs: 3, batch_size: 50, subset: 400, diag_size: 100}
-# The second trial runs long enough (seconds) to be caught mid-way: it starts in the first's
-# reused process at once, while the first is still logging its model.
-rule_overrides: {dtp: {epochs: 150, subset: 2000}}
+base: {dataset: spiral, hidden: [8], epochs: 150, batch_size: 50, subset: 2000, diag_size: 100}
+# Trials start longest first: dtp, then bp. Both run 150 epochs, so the second (bp, seconds of
+# per-epoch reporting) is caught mid-way: it starts in the first's reused process at once, while
+# the first is still logging its model.
 parameters:
   rule: {distribution: values, values: [bp, dtp]}
 search: {method: grid, metric: valid_accuracy, mode: max, max_concurrent_trials: 1}
@@ -302,6 +302,7 @@ def test_retry_of_a_partly_run_failed_sweep(tmp_path):
     finished = c.search_runs([exp_id], done_flt)
     assert len(finished) == 1, "a partly run sweep: one trial finished, the other not"
     before = finished[0]
+    assert before.data.tags["rule"] == "dtp"  # the longer trial started first
     hist_before = [(m.step, m.timestamp, m.value) for m in c.get_metric_history(before.info.run_id, "valid_accuracy")]
 
     r = _submit(env, "--resume", rec.id)
