@@ -17,6 +17,7 @@ Slow (minutes); trials are tiny (spiral, hidden [16], numpy backend).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -507,7 +508,10 @@ def test_service_killed_mid_sweep_adopts_then_resumes(cluster, tmp_path):
 def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
     """The Ray head's process group SIGKILLed mid-sweep, then (once the sweep resumed) the second
     Ray node's. Last in this module: it restarts the cluster's Ray."""
-    epochs = 40  # long enough to outlast a head restart on a quiet machine (trials got faster)
+    # Long enough to outlast a head restart on a quiet machine. Trials start longest first, so
+    # the dtp trials are the ones part done when the head dies, and little work is left after
+    # the resume: 40 epochs let the resumed sweep finish before a trial was seen on the second node.
+    epochs = 80
     spec = yaml.safe_load(spec_file(tmp_path, "e2e-faults", epochs=epochs).read_text())
     spec["failure"] = {"max_failures": 2}
     path = tmp_path / "e2e-faults.yaml"
@@ -535,11 +539,20 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
 
     # 2. The second node, mid-trial: its trial is retried on the head from its last checkpoint
     # (failure.max_failures), while the node is down.
-    victims = set(trial_processes(cluster, "ray-worker").values())
+    victim_procs = trial_processes(cluster, "ray-worker")  # pid -> trial
+    victims = set(victim_procs.values())
     assert victims, "no trial on the second node any more: give the trials more epochs"
     head_trials = trial_processes(cluster, "ray-head")  # pid -> trial, every head trial process seen
     worker = pid_of(cluster, "ray-worker")
+    # A lost machine takes all its processes at once: the raylet's process group, and the trial
+    # processes of the node's session, which sit in process groups of their own (killed with the
+    # group alone, a trial process went on reporting, even finishing its trial, after the kill).
     os.killpg(worker, signal.SIGKILL)
+    from test_local_cluster import processes_of
+
+    for pid in processes_of(sessions={worker}):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     t1 = time.monotonic()
     kill_time = time.time()
     # A victim resumed from its checkpoint can finish its last epochs between two polls, so the
@@ -553,8 +566,18 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
     t2 = time.monotonic()
     up = subprocess.Popen([str(LOCAL_CLUSTER), "up"], cwd=REPO, env=cluster.launch_env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
+    # Every trial process until the end: a victim's retry may move to another process (Tune
+    # retries it again if its first retry fails) after the wait above ended.
+    restarted_worker_trials: dict[int, str] = {}
+
+    def record() -> None:
+        head_trials.update(trial_processes(cluster, "ray-head"))
+        with contextlib.suppress(Exception):  # the node may be down or starting
+            restarted_worker_trials.update(trial_processes(cluster, "ray-worker"))
+
     try:
-        v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 600, "the sweep to succeed")
+        v = wait_for(cluster, sweep_id, lambda v: v["state"] == "succeeded", 600, "the sweep to succeed",
+                     on_poll=record)
         timings["worker: sweep done"] = time.monotonic() - t2
         _, err = up.communicate(timeout=600)
     finally:
@@ -586,12 +609,24 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
     assert len(results) == 4, results
     for result in results:
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        reported = [row.get("epoch") for row in rows]
-        assert reported and len(reported) == len(set(reported)), (result.parent.name, reported)
         trial = "_".join(result.parent.name.split("_")[2:4])
-        if trial in victims:  # it went on on the head: every epoch after the kill from a head process
+        reported = Counter(row.get("epoch") for row in rows)
+        assert reported, result.parent.name
+        for epoch, n in reported.items():
+            if n == 1:
+                continue
+            # The one exception: an epoch the victim's own process reported as its node died, whose
+            # checkpoint Tune had not registered; the retry trains it again from the one before.
+            # (MLflow, checked above, still has it once.)
+            by = [row["pid"] for row in rows if row.get("epoch") == epoch]
+            assert trial in victims and n == 2 and set(by) & set(victim_procs), (result.parent.name, epoch, by)
+        if trial in victims:
+            # It went on on the head while the node was down (then, if retried again, on the head
+            # or the restarted node).
             after_kill = [row["pid"] for row in rows if row["timestamp"] > kill_time]
-            assert after_kill and set(after_kill) <= set(head_trials), (trial, after_kill, head_trials)
+            assert after_kill and set(after_kill) & set(head_trials), (trial, after_kill, head_trials)
+            assert set(after_kill) <= set(head_trials) | set(restarted_worker_trials), (
+                trial, after_kill, head_trials, restarted_worker_trials, victim_procs)
 
 
 def timed_up(cluster: Cluster) -> float:
