@@ -506,8 +506,8 @@ def test_service_killed_mid_sweep_adopts_then_resumes(cluster, tmp_path):
 
 
 def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
-    """The Ray head's process group SIGKILLed mid-sweep, then (once the sweep resumed) the second
-    Ray node's. Last in this module: it restarts the cluster's Ray."""
+    """The Ray head's process group SIGKILLed mid-sweep, then (once the sweep resumed) every process
+    of the second Ray node. Last in this module: it restarts the cluster's Ray."""
     # Long enough to outlast a head restart on a quiet machine. Trials start longest first, so
     # the dtp trials are the ones part done when the head dies, and little work is left after
     # the resume: 40 epochs let the resumed sweep finish before a trial was seen on the second node.
@@ -548,9 +548,7 @@ def test_head_then_worker_node_killed_mid_sweep(cluster, tmp_path):
     # processes of the node's session, which sit in process groups of their own (killed with the
     # group alone, a trial process went on reporting, even finishing its trial, after the kill).
     os.killpg(worker, signal.SIGKILL)
-    from test_local_cluster import processes_of
-
-    for pid in processes_of(sessions={worker}):
+    for pid in cluster_pids_of_sessions({worker}):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     t1 = time.monotonic()

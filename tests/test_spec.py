@@ -586,3 +586,16 @@ def test_an_invalid_grid_combination_is_ordered_last_not_refused():
     assert (points[-1]["mode"], points[-1]["loss"]) == ("autoencoder", "softmax_ce")
     with pytest.raises(SpecError):
         spec.trial_config(points[-1])
+
+
+def test_docs_state_every_rules_cost():
+    """docs/rules.md's cost table is the rules' own figures (tp_engine/rules), every rule once."""
+    from tp_engine.rules import RULES
+
+    lines = (ROOT / "docs" / "rules.md").read_text().splitlines()
+    at = lines.index("## Cost (`Rule.cost`)")
+    header, _, row = [ln for ln in lines[at:] if ln.startswith("|")][:3]
+    names = [c.strip().strip("`") for c in header.strip("|").split("|")][1:]
+    costs = [float(c) for c in row.strip("|").split("|")[1:]]
+    assert dict(zip(names, costs)) == {name: rule.cost for name, rule in RULES.items()}
+    assert len(names) == len(RULES)

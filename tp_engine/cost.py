@@ -22,7 +22,5 @@ def trial_cost(cfg: TrialConfig) -> float:
     n_out = n_in if cfg.mode == "autoencoder" else source.n_classes
     sizes = [n_in, *cfg.hidden, n_out]
     weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    rows = source.train_rows or cfg.subset or 1
-    if cfg.subset is not None:
-        rows = min(rows, cfg.subset)
+    rows = min((r for r in (source.train_rows, cfg.subset) if r), default=1)
     return cfg.epochs * rows * weights * RULES[cfg.rule].cost

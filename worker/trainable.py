@@ -181,12 +181,11 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from tp_engine.status import SETTLED, TrialStatus
     from tp_engine.train import train
     from worker import tracking
+    from worker.search_space import trial_params
     from worker.spec import SweepSpec
 
     t_entry = time.perf_counter()
     hooks = trial_hooks()
-    from worker.search_space import trial_params
-
     spec = SweepSpec.model_validate(ctx.spec)
     cfg = spec.trial_config(trial_params(params))
     trial_id = tune.get_context().get_trial_id()

@@ -320,9 +320,10 @@ class SweepSpec(BaseModel):
         ``random.Random(sample_seed)`` for the preview only; Tune draws its own.
         """
         rng = random.Random(sample_seed)
+        points = self.grid_points()
         trials: list[dict[str, Any]] = []
         for _ in range(self.search.num_samples):
-            for point in self.grid_points():
+            for point in points:
                 params = {path: copy.deepcopy(point[path]) if path in point else dist.sample(rng)
                           for path, dist in self.parameters.items()}
                 trials.append({"trial": len(trials), "params": params, "seed": point["seed"]})
